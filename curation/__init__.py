@@ -1,0 +1,1 @@
+"""jurassiclass curation stages: plain functions over a manifest, a workspace and its catalog (no Prefect)."""

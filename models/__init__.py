@@ -1,0 +1,1 @@
+"""jurassiclass classifier training and cross-validation (no Prefect)."""

@@ -1,0 +1,69 @@
+import io
+
+import pytest
+from PIL import Image
+
+from curation.images import Normalised, Rejected, normalise, open_rgb, sniff
+from tests import support
+
+
+@pytest.mark.parametrize("name", sorted(support.bad_inputs()))
+def test_every_bad_input_is_normalised_or_rejected_with_reason(name):
+    data, expected = support.bad_inputs()[name]
+    out = normalise(data, min_side=32, max_pixels=80_000_000)
+    if expected is None:
+        assert isinstance(out, Normalised), out
+        im = Image.open(io.BytesIO(out.data))
+        im.load()
+        assert im.mode == "RGB"
+        assert (im.width, im.height) == (out.width, out.height)
+        assert out.reencoded
+    else:
+        assert isinstance(out, Rejected)
+        assert out.reason == expected
+
+
+def test_clean_jpeg_is_kept_byte_for_byte():
+    data = support.jpeg(1)
+    out = normalise(data)
+    assert isinstance(out, Normalised) and not out.reencoded and out.data == data and out.ext == "jpg"
+
+
+def test_exif_rotation_is_applied():
+    out = normalise(support.exif_rotated_jpeg(orientation=6))  # stored 200x100, displayed 100x200
+    assert isinstance(out, Normalised)
+    assert (out.width, out.height) == (100, 200)
+    assert "exif-orientation:6" in out.note
+
+
+def test_alpha_is_composited_on_white_not_black():
+    im = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    out = normalise(support.encode(im, "PNG"))
+    assert isinstance(out, Normalised)
+    assert Image.open(io.BytesIO(out.data)).convert("RGB").getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_sixteen_bit_keeps_its_contrast():
+    out = normalise(support.png16())
+    px = Image.open(io.BytesIO(out.data)).convert("L")
+    lo, hi = px.getextrema()
+    assert hi - lo > 50  # not clipped to a white sheet
+
+
+def test_bomb_is_refused_before_decoding():
+    out = normalise(support.bomb_png(), max_pixels=80_000_000)
+    assert isinstance(out, Rejected) and "30000x30000" in out.detail
+
+
+def test_sniff_ignores_names():
+    assert sniff(support.HTML) == "HTML"
+    assert sniff(support.jpeg(1)) == "JPEG"
+    assert sniff(support.SVG) == "SVG"
+
+
+def test_open_rgb_draft_decodes_small(tmp_path):
+    p = support.write(tmp_path / "a.jpg", support.jpeg(3, (800, 600)))
+    full = open_rgb(p)
+    small = open_rgb(p, draft=(64, 64))
+    assert full.size == (800, 600)
+    assert small.mode == "RGB" and small.size[0] < 800 and small.size[0] >= 64
