@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Offline-safe defaults; users with network may override (e.g. HF_HUB_OFFLINE=0 make demo).
+export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export DO_NOT_TRACK ?= 1
 export FIFTYONE_DATABASE_VALIDATION ?= false
@@ -15,10 +16,13 @@ OPENCLIPART := /usr/share/openclipart/png/animals
 APT := $(shell command -v apt-get 2>/dev/null)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help venv demo demo-data test sysdeps-test clean
+.PHONY: help venv demo demo-local demo-data up down test sysdeps-test clean
 
 help:
-	@echo "make demo   - install into $(VENV) and run the whole pipeline on manifests/demo.yaml"
+	@echo "make demo   - install into $(VENV), start the local Prefect stack and run build-dataset/demo on it"
+	@echo "make up     - start the local Prefect stack (server on 127.0.0.1:$(PREFECT_PORT), worker, deployments)"
+	@echo "make down   - stop it"
+	@echo "make demo-local - the same pipeline without Prefect (the jurassiclass CLI)"
 	@echo "make test   - install test needs and run the test suite"
 
 venv: $(VENV)/.installed
@@ -37,11 +41,31 @@ demo-data:
 	  else echo "No $(OPENCLIPART) and no apt-get: edit manifests/demo.yaml so its folder source points at any ROOT/<class>/<images> tree."; exit 1; fi; \
 	fi
 
-demo: venv demo-data
+# The local Prefect stack (flows/stack.py): state, logs and pid files in .prefect/; idempotent.
+PREFECT_PORT ?= 4200
+export JURASSICLASS_PREFECT_PORT := $(PREFECT_PORT)
+
+up: venv
+	$(BIN)/python -m flows.stack up
+
+down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m flows.stack down; fi
+
+demo: venv demo-data up
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect deployment run 'build-dataset/demo' --watch
+	@$(BIN)/python -c "from flows.common import load, workspace_for; print('outputs:', workspace_for(load('manifests/demo.yaml'), None).root)"
+	@echo "Prefect UI (runs, artifacts): http://127.0.0.1:$(PREFECT_PORT)   stop the stack: make down"
+
+demo-local: venv demo-data
 	$(BIN)/jurassiclass run --manifest manifests/demo.yaml
 
+# The review App's browser test drives Debian's headless Chromium.
 sysdeps-test:
-	@true
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ -n "$(APT)" ]; then echo "installing chromium (headless browser for the review App test)"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found and no apt-get: install a Chromium browser for the App test"; exit 1; fi; \
+	fi
 
 test: venv sysdeps-test
 	$(BIN)/python -m pytest

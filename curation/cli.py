@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import polars as pl
 import typer
 
 from curation import catalog, report
@@ -89,6 +90,161 @@ def show_catalog(
         typer.echo(f"wrote {export}")
 
 
+def do_score(m: Manifest, ws: Workspace, quiet: bool, device: str | None = None) -> str:
+    from curation import clip_score
+
+    try:
+        s = clip_score.run(m, ws, show_progress=not quiet, device=device)
+    except clip_score.ClipSetupError as exc:
+        fail(str(exc))
+    return s.line()
+
+
+@app.command()
+def score(
+    manifest: Path = ManifestOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    quiet: bool = QuietOpt,
+    device: Optional[str] = typer.Option(None, help="override clip.device: cpu, cuda, cuda:N, mps"),
+) -> None:
+    """Score candidates with CLIP; reject off-topic / unrealistic images, flag likely wrong labels."""
+    m, ws = open_run(manifest, workdir)
+    finish(ws, do_score(m, ws, quiet, device))
+
+
+def do_scrape(m: Manifest, ws: Workspace, quiet: bool) -> str:
+    from curation import scrape
+
+    try:
+        s = scrape.run(m, ws, show_progress=not quiet)
+    except scrape.ScrapeError as exc:
+        fail(str(exc))
+    report.console.print(report.frame_table(s.sources_frame(), "scrape: this run, per class and source"))
+    report.console.print(report.frame_table(s.classes_frame(), "scrape: images per class vs target"))
+    return s.line()
+
+
+@app.command()
+def scrape(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt) -> None:
+    """Download up to each class's target from the manifest's search-engine, API and URL-list sources."""
+    m, ws = open_run(manifest, workdir)
+    finish(ws, do_scrape(m, ws, quiet))
+
+
+# ---------------------------------------------------------------- review (FiftyOne)
+
+review_app = typer.Typer(help="Human review in FiftyOne: push candidates, review in the App, pull decisions.",
+                         no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+
+def do_review_push(m: Manifest, ws: Workspace, quiet: bool) -> str:
+    from curation import review
+
+    try:
+        s = review.push(m, ws, show_progress=not quiet)
+    except review.ReviewError as exc:
+        fail(str(exc))
+    restored = f", {s.tags_restored} decisions restored as tags" if s.tags_restored else ""
+    return (f"review push: dataset {s.dataset!r}: {s.added} added, {s.updated} updated, {s.unchanged} unchanged, "
+            f"{s.not_pushable} without image{restored} ({s.seconds:.1f}s); views: {', '.join(s.views)}")
+
+
+@review_app.command("push")
+def review_push(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt) -> None:
+    """Create or update the FiftyOne review dataset; reviewers' tags and corrected labels are never overwritten."""
+    m, ws = open_run(manifest, workdir)
+    typer.echo(do_review_push(m, ws, quiet))
+
+
+@review_app.command("pull")
+def review_pull(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt) -> None:
+    """Read reviewers' accept / reject / relabel decisions into the catalog (idempotent)."""
+    from curation import review
+
+    m, ws = open_run(manifest, workdir)
+    try:
+        s = review.pull(m, ws)
+    except review.ReviewError as exc:
+        fail(str(exc))
+    problems = "".join(f", {n} {k.replace('_', ' ')}" for k, n in sorted(s.problems.items()))
+    cleared = f", {s.cleared} taken back" if s.cleared else ""
+    headline = (f"review pull: {s.reviewed} reviewed of {s.samples}: {s.accepted} accepted ({s.relabelled} relabelled), "
+                f"{s.rejected} rejected{cleared}{problems}; {s.changed} catalog rows changed")
+    if s.calibration:
+        headline += f"\ncalibration: {s.calibration.with_suffix('.md')}"
+    finish(ws, headline)
+
+
+@review_app.command("status")
+def review_status(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt) -> None:
+    """Review progress per class (live from the dataset, decisions not yet pulled included)."""
+    from curation import review
+
+    m, ws = open_run(manifest, workdir)
+    try:
+        df = review.status(m, ws)
+    except review.ReviewError as exc:
+        fail(str(exc))
+    table = report.frame_table(df, f"review progress: {review.dataset_name(m)}")
+    # Ten columns: on a narrow terminal squeeze the headers, never the class names.
+    table.columns[0].no_wrap = True
+    table.columns[0].min_width = max([5, *(len(str(v)) for v in df["label"])])
+    report.console.print(table)
+
+
+@review_app.command("calibrate")
+def review_calibrate(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt) -> None:
+    """Compare the automatic CLIP decisions with reviewers' and find the threshold that matches them best."""
+    from curation import review
+
+    m, ws = open_run(manifest, workdir)
+    c = review.calibrate(m, ws)
+    if c is None:
+        fail("no reviewed image with a CLIP score yet: review some images, then `jurassiclass review pull`")
+    report.console.print(report.frame_table(c.table.with_columns(pl.col(pl.Float64).round(3)), "CLIP vs reviewers"))
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    typer.echo(f"threshold now: {fmt(c.current_threshold)}; best F1 against reviewers: {fmt(c.best_threshold)}")
+    typer.echo(f"wrote {c.markdown} and {c.png}")
+
+
+@review_app.command("app")
+def review_launch(
+    manifest: Path = ManifestOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    port: Optional[int] = typer.Option(None, help="port (default: review.port, 5151)"),
+    address: Optional[str] = typer.Option(None, help="loopback address to bind (default: review.address)"),
+    view: Optional[str] = typer.Option(None, help="open this saved view, e.g. not-reviewed"),
+) -> None:
+    """Serve the FiftyOne App on 127.0.0.1 with the review dataset and its saved views; Ctrl-C stops it."""
+    from curation import review
+
+    m, ws = open_run(manifest, workdir)
+    try:
+        review.launch_app(m, ws, port=port, address=address, view=view, echo=typer.echo)
+    except (review.ReviewError, ValueError) as exc:
+        fail(str(exc))
+
+
+def do_dedup(m: Manifest, ws: Workspace, quiet: bool) -> str:
+    from curation import dedup
+
+    s = dedup.run(m, ws, show_progress=not quiet)
+    failed = f", {s.hash_failed} unreadable" if s.hash_failed else ""
+    return (
+        f"dedup: {s.images} images ({s.hashed} hashed{failed}), {s.groups} duplicate groups, "
+        f"{s.duplicates} duplicates ({s.newly_rejected} newly rejected, {s.released} released), "
+        f"{s.label_conflict_groups} label conflicts"
+    )
+
+
+@app.command()
+def dedup(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt) -> None:
+    """Mark exact and perceptual duplicates across all classes (nothing is deleted)."""
+    m, ws = open_run(manifest, workdir)
+    finish(ws, do_dedup(m, ws, quiet))
+
+
 @app.command()
 def run(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt) -> None:
     """Run every stage in order on the manifest."""
@@ -96,6 +252,12 @@ def run(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quie
     lines = []
     if m.sources_of(FolderSource):
         lines.append(do_ingest(m, ws, quiet))
+    if not m.sources or any(not isinstance(src, FolderSource) for src in m.sources):
+        lines.append(do_scrape(m, ws, quiet))  # no sources at all: scrape Bing
+    lines.append(do_dedup(m, ws, quiet))
+    lines.append(do_score(m, ws, quiet))
+    if m.review.push_in_run:
+        lines.append(do_review_push(m, ws, quiet))
     for line in lines:
         typer.echo(line)
     finish(ws, f"run of {m.name} complete")

@@ -79,10 +79,11 @@ class FolderSource(_Strict):
 
 
 class UrlListSource(_Strict):
-    """A CSV or parquet file with columns url,label[,license,author,page_url]."""
+    """A CSV or parquet file with columns url,label[,license,author,page_url,query]."""
 
     type: Literal["urls"] = "urls"
     path: Path
+    license: str | None = Field(None, description="licence of rows whose own license cell is empty")
 
 
 class SearchEngineSource(_Strict):
@@ -92,6 +93,12 @@ class SearchEngineSource(_Strict):
     max_per_query: int = Field(100, ge=1)
     # Flickr needs an API key; it is read from this environment variable, never stored here.
     api_key_env: str = "FLICKR_API_KEY"
+    filters: dict[str, str] = Field(
+        default_factory=dict, description="icrawler search filters, e.g. {license: creativecommons, type: photo}"
+    )
+    endpoint: str | None = Field(
+        None, description="base URL that replaces the engine's scheme://host for its search requests (mirrors, tests)"
+    )
 
 
 class LicensedApiSource(_Strict):
@@ -100,10 +107,26 @@ class LicensedApiSource(_Strict):
     type: Literal["wikimedia", "inaturalist", "gbif"]
     max_per_class: int | None = Field(None, ge=1)
     licenses: list[str] = Field(
-        default_factory=lambda: ["cc0", "cc-by", "cc-by-sa"],
-        description="licence codes to ask for where the API can filter by licence",
+        default_factory=lambda: ["cc0", "pd", "cc-by", "cc-by-sa"],
+        description="licence codes to keep (see curation/licenses.py); empty keeps every licence",
     )
     endpoint: str | None = Field(None, description="API base URL override (mirrors, tests)")
+    request_interval_s: float = Field(
+        1.0, ge=0, description="pause between API pages: iNaturalist asks for <= 60 requests/min"
+    )
+    image_width: int | None = Field(
+        1024, ge=1, description="ask for a resized copy this wide where the API offers one (Wikimedia, iNaturalist)"
+    )
+
+    @field_validator("licenses")
+    @classmethod
+    def _known_codes(cls, v: list[str]) -> list[str]:
+        from curation.licenses import CODES
+
+        unknown = [c for c in v if c not in CODES]
+        if unknown:
+            raise ValueError(f"unknown licence code(s) {unknown}; use {sorted(CODES)}")
+        return v
 
 
 Source = Annotated[
@@ -127,8 +150,16 @@ class ScrapeSettings(_Strict):
     target_per_class: int = Field(200, ge=0)
     concurrency: int = Field(16, ge=1)
     per_host_concurrency: int = Field(4, ge=1)
-    timeout_s: float = Field(20.0, gt=0)
+    timeout_s: float = Field(20.0, gt=0, description="seconds for one attempt at one URL, headers and body")
     retries: int = Field(3, ge=0)
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt, with jitter")
+    max_backoff_s: float = Field(120.0, ge=0, description="cap on any wait, Retry-After included")
+    max_redirects: int = Field(5, ge=0)
+    commit_every: int = Field(50, ge=1, description="catalog rows written in batches of this many results")
+    commit_interval_s: float = Field(15.0, gt=0, description="... or at least this often")
+    allow_private_networks: bool = Field(
+        False, description="fetch URLs that resolve to loopback/private/link-local addresses (local mirrors, tests)"
+    )
     user_agent: str = "jurassiclass/0.1 (dataset curation; +https://github.com/jurassiclass)"
 
 
@@ -140,23 +171,213 @@ class HashKind(str, Enum):
 
 class DedupSettings(_Strict):
     hash: HashKind = HashKind.phash
-    threshold: int = Field(8, ge=0, le=64, description="max Hamming distance between 64-bit hashes")
+    threshold: int = Field(
+        10, ge=0, le=32, description="max Hamming distance between 64-bit hashes (see curation/dedup.py for the measurements)"
+    )
+    min_thumb_corr: float = Field(
+        0.8, ge=-1.0, le=1.0,
+        description="second signal: a near pair also needs this correlation of 8x8 and 16x16 grey thumbnails (guards low-texture images)",
+    )
+
+
+class ThresholdMode(str, Enum):
+    absolute = "absolute"
+    percentile = "percentile"  # computed within each class, over the images this stage scores
+
+
+class Threshold(_Strict):
+    """A cut-off on one score: a number, or the score at a percentile (0-100) of the class's images.
+
+    YAML accepts `0.2`, `"10%"` (percentile) or `{value: 10, mode: percentile}`.
+    """
+
+    value: float
+    mode: ThresholdMode = ThresholdMode.absolute
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: object) -> object:
+        if isinstance(data, bool):
+            raise ValueError("a threshold is a number, 'N%' or {value, mode}")
+        if isinstance(data, (int, float)):
+            return {"value": data}
+        if isinstance(data, str):
+            text = data.strip()
+            try:
+                if text.endswith("%"):
+                    return {"value": float(text[:-1]), "mode": "percentile"}
+                return {"value": float(text)}
+            except ValueError:
+                raise ValueError(f"{data!r} is not a threshold (a number, 'N%' or {{value, mode}})") from None
+        return data
+
+    @model_validator(mode="after")
+    def _range(self) -> "Threshold":
+        if self.mode is ThresholdMode.percentile and not 0.0 <= self.value <= 100.0:
+            raise ValueError(f"percentile {self.value} is outside 0-100")
+        return self
+
+
+class ClipThresholds(_Strict):
+    """When an image is rejected or flagged; `null` turns a check off. Scores below a `min_*` fail it."""
+
+    min_score: Threshold | None = Field(
+        None, description="cosine similarity to the image's own class ensemble; below: off_topic"
+    )
+    min_margin: Threshold | None = Field(
+        Threshold(value=0.2), description="subject vs not-the-subject softmax margin (-1..1); below: off_topic"
+    )
+    min_real_margin: Threshold | None = Field(
+        Threshold(value=0.2), description="realistic vs non-realistic softmax margin (-1..1); below: unrealistic"
+    )
+    wrong_class_prob: Threshold | None = Field(
+        Threshold(value=0.5),
+        description="zero-shot probability of another class at or above which the image is flagged likely_<class>",
+    )
+
+
+class ClipPrecision(str, Enum):
+    auto = "auto"  # bf16 (else fp16) autocast on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+# OpenAI's zero-shot ensemble ideas, widened beyond photographs: species are often drawn or mounted.
+DEFAULT_TEMPLATES = [
+    "a photo of a {}.",
+    "a close-up photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a bad photo of a {}.",
+    "a cropped photo of a {}.",
+    "art of the {}.",
+    "a painting of a {}.",
+    "an illustration of a {}.",
+    "a drawing of a {}.",
+    "a 3d rendering of a {}.",
+    "a sculpture of a {}.",
+]
+DEFAULT_NEGATIVE_PROMPTS = [
+    "a photo of an unrelated object.",
+    "a screenshot of a web page.",
+    "a page of text.",
+    "a logo.",
+    "an icon.",
+    "a chart or a diagram.",
+    "a map.",
+    "a photo of a person.",
+    "a photo of a room.",
+    "a photo of a landscape.",
+    "a blank image.",
+    "a product photo.",
+]
+DEFAULT_REALISTIC_PROMPTS = [
+    "a photo of a {}.",
+    "a realistic photo of a {}.",
+    "a high resolution photograph of a {}.",
+    "a realistic painting of a {}.",
+    "a detailed realistic illustration of a {}.",
+    "a museum specimen of a {}.",
+]
+DEFAULT_UNREALISTIC_PROMPTS = [
+    "a cartoon {}.",
+    "a cartoon drawing of a {}.",
+    "a plastic toy {}.",
+    "a plush toy {}.",
+    "pixel art of a {}.",
+    "a line drawing of a {}.",
+    "a clip art of a {}.",
+    "a coloring book page of a {}.",
+    "a child's drawing of a {}.",
+    "an emoji of a {}.",
+    "a low poly 3d model of a {}.",
+    "an anime {}.",
+]
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class ClipSettings(_Strict):
-    model: str = "ViT-B-32"
-    pretrained: str | None = Field("laion2b_s34b_b79k", description="open_clip tag, hf-hub:..., or a local file")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    batch_size: int = Field(64, ge=1)
+    model: str = Field("ViT-B-32", description="open_clip architecture, hf-hub:ORG/REPO or local-dir:PATH")
+    pretrained: str | None = Field(
+        "laion2b_s34b_b79k", description="open_clip tag or a local checkpoint file (ignored for hf-hub:/local-dir:)"
+    )
+    model_config_path: Path | None = Field(
+        None, description="an open_clip model config JSON (or a folder of them) to register: custom architectures"
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    precision: ClipPrecision = ClipPrecision.auto
+    batch_size: int | None = Field(None, ge=1, description="default: 256 on CUDA, 32 on CPU")
+    workers: int | None = Field(None, ge=0, description="DataLoader decode processes; default: by device and cores")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads while encoding; default: all cores")
     skip_if_unavailable: bool = Field(
         False, description="if weights cannot be loaded, mark scoring skipped instead of failing"
     )
+    templates: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TEMPLATES),
+        min_length=1,
+        description="prompt templates ({} = a class name or synonym), averaged into one embedding per class",
+    )
+    class_prompts: dict[str, list[str]] = Field(
+        default_factory=dict, description="extra full prompts per class, added to its ensemble"
+    )
+    negative_prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_NEGATIVE_PROMPTS), min_length=1,
+        description="'not the subject' prompts (full sentences) for the subject margin",
+    )
+    realistic_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_REALISTIC_PROMPTS), min_length=1)
+    unrealistic_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_UNREALISTIC_PROMPTS), min_length=1)
+    thresholds: ClipThresholds = Field(default_factory=ClipThresholds)
+    plots: bool = Field(True, description="write a histogram PNG per class (about half a second each)")
+    class_thresholds: dict[str, ClipThresholds] = Field(
+        default_factory=dict, description="per-class overrides: only the fields given replace the global ones"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, v: str) -> str:
+        if not _DEVICE_RE.match(v):
+            raise ValueError(f"{v!r} is not a device (auto, cpu, cuda, cuda:N, mps)")
+        return v
+
+    def thresholds_for(self, label: str) -> ClipThresholds:
+        """Global thresholds with this class's explicitly given fields on top."""
+        over = self.class_thresholds.get(label)
+        if over is None:
+            return self.thresholds
+        return self.thresholds.model_copy(update={k: getattr(over, k) for k in over.model_fields_set})
+
+
+class ReviewScore(str, Enum):
+    """The CLIP column reviewers sort by, calibrate, and see the borderline band of."""
+
+    clip_margin = "clip_margin"
+    clip_score = "clip_score"
+    clip_real_margin = "clip_real_margin"
+
+
+_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 
 
 class ReviewSettings(_Strict):
     dataset_name: str | None = Field(None, description="FiftyOne dataset name; default: the manifest name")
     port: int = Field(5151, ge=1, le=65535)
-    address: str = "127.0.0.1"
+    address: str = Field("127.0.0.1", description="the App binds here: loopback only (tunnel it for a team)")
+    include_rejected: bool = Field(True, description="push pipeline-rejected images too, so reviewers can rescue them")
+    score: ReviewScore = ReviewScore.clip_margin
+    threshold: float | None = Field(
+        None, description="cut-off on `score` for the borderline view; default: the CLIP stage's absolute threshold"
+    )
+    borderline_band: float = Field(0.1, gt=0, description="|score - threshold| at most this is borderline")
+    push_in_run: bool = Field(True, description="`jurassiclass run` ends with `review push`")
+
+    @field_validator("address")
+    @classmethod
+    def _loopback(cls, v: str) -> str:
+        # The App has no authentication: anything but loopback would publish the dataset to the network.
+        if v not in _LOOPBACK_NAMES and not v.startswith("127."):
+            raise ValueError(f"{v!r} is not a loopback address; the review App binds to 127.0.0.1 (use an SSH tunnel)")
+        return v
 
 
 class PublishSettings(_Strict):

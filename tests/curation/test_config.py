@@ -70,4 +70,4 @@ def test_defaults_and_relative_paths(tmp_path):
     )
     assert m.classes[0].queries == ["Cat"]
     assert m.sources[0].path == (tmp_path / "imgs").resolve()
-    assert m.dedup.threshold == 8 and m.target_for("Cat") == m.scrape.target_per_class
+    assert m.dedup.threshold == 10 and m.target_for("Cat") == m.scrape.target_per_class

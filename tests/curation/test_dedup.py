@@ -1,0 +1,346 @@
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image, ImageEnhance
+
+from curation import catalog, dedup, ingest
+from curation.config import parse_manifest
+from tests import support
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "dedup"
+
+
+# ---------------------------------------------------------------- search
+
+
+def _planted_hashes(rng, n, flips_max):
+    base = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
+    near = base.copy()
+    for k in range(n):
+        for b in rng.choice(64, size=rng.integers(0, flips_max + 1), replace=False):
+            near[k] ^= np.uint64(1) << np.uint64(b)
+    return np.concatenate([base, near, base[:20]])  # + exact copies
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 8, 10, 14])
+def test_near_pairs_is_exact(threshold):
+    rng = np.random.default_rng(threshold)
+    h = _planted_hashes(rng, 1500, 12)  # 3020 hashes: the multi-index path, not the dense one
+    got = dedup.near_pairs(h, threshold)
+    d = np.bitwise_count(h[:, None] ^ h[None, :])
+    i, j = np.nonzero(np.triu(d <= threshold, 1))
+    want = np.stack([i, j], 1)
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("n,t", [(5_000, 0), (100_000, 8), (1_000_000, 8), (1_000_000, 10), (1_000_000, 20)])
+def test_layout_is_a_valid_pigeonhole_cover(n, t):
+    layout = dedup._layout(n, t)
+    assert sum(b for b, _ in layout) <= 64 and max(b for b, _ in layout) <= dedup._MAX_CHUNK_BITS
+    assert sum(r + 1 for _, r in layout) >= t + 1
+
+
+def test_candidate_pairs_is_exact_for_small_identical_hash_groups():
+    rng = np.random.default_rng(7)
+    h = _planted_hashes(rng, 1200, 10)
+    h = np.concatenate([h, h[:300], h[:40]])  # identical hashes: groups of 2-4
+    thumbs = rng.integers(0, 255, size=(len(h), dedup._SIG)).astype(np.uint8)
+    got = dedup.candidate_pairs(h, thumbs, 10)
+    d = np.bitwise_count(h[:, None] ^ h[None, :])
+    i, j = np.nonzero(np.triu(d <= 10, 1))
+    assert np.array_equal(got, np.stack([i, j], 1))
+
+
+def test_candidate_pairs_bounds_identical_hash_groups():
+    h = np.zeros(500, np.uint64)  # 500 blank images with one hash: no 125k-pair blow-up
+    thumbs = np.tile(np.arange(500, dtype=np.float32)[:, None], (1, dedup._SIG))
+    p = dedup.candidate_pairs(h, thumbs, 8)
+    assert len(p) <= 500 * dedup._SAME_HASH_WINDOW
+    assert dedup.components(500, p).max() == 0  # still one connected group
+
+
+def _sig(thumb8, orient=128):
+    """A guard signature from an 8x8 thumbnail (upsampled to the stored 16x16) and an orientation."""
+    t16 = np.kron(np.asarray(thumb8, np.float32).reshape(8, 8), np.ones((2, 2), np.float32)).ravel()
+    return np.concatenate([t16, [orient]])
+
+
+def test_guard_vetoes_structurally_different_thumbnails():
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 255, size=(3, 64)).astype(np.float32)
+    a = np.stack([_sig(x) for x in t])
+    b = np.stack([_sig(t[0] * 0.7 + 40), _sig(rng.integers(0, 255, size=64)), _sig(np.full(64, 128.0))])
+    assert dedup.thumb_similar(a, b, 0.8).tolist() == [True, False, False]
+    flat = np.stack([_sig(np.full(64, 100.0))] * 3)
+    other = np.stack([_sig(np.full(64, 103.0)), _sig(np.full(64, 140.0)), _sig(np.full(64, 100.0), orient=250)])
+    assert dedup.thumb_similar(flat, other, 0.8).tolist() == [True, False, False]
+    # same 8x8 layout, different detail at 16x16: vetoed
+    fine = a[:1].copy()
+    fine[0, :256] = rng.integers(0, 255, size=256)
+    coarse = fine.copy()
+    coarse[0, :256] = np.kron(fine[0, :256].reshape(16, 16).reshape(8, 2, 8, 2).mean((1, 3)), np.ones((2, 2))).ravel()
+    assert dedup.thumb_similar(fine, coarse, 0.8).tolist() == [False]
+
+
+def _stripes(horizontal: bool, size=256, period=16) -> Image.Image:
+    arr = np.full((size, size), 255, np.uint8)
+    if horizontal:
+        arr[period // 2 :: period, :] = 0
+    else:
+        arr[:, period // 2 :: period] = 0
+    return Image.fromarray(arr).convert("RGB")
+
+
+def test_low_texture_images_with_close_hashes_are_not_merged(tmp_path, workspace):
+    """Fine stripes average away in both a 64-bit hash and an 8x8 thumbnail (pHash distance 8 here);
+    the orientation part of the guard keeps them apart, while their real copies still match."""
+    root = tmp_path / "tree"
+    h, v = _stripes(True), _stripes(False)
+    support.write(root / "cat" / "h.png", support.encode(h, "PNG"))
+    support.write(root / "cat" / "v.png", support.encode(v, "PNG"))
+    support.write(root / "cat" / "h_copy.jpg", support.encode(h.resize((200, 200)), "JPEG", quality=80))
+    m = manifest_for(root)
+    ingest.run(m, workspace, show_progress=False)
+    s = dedup.run(m, workspace, show_progress=False)
+    df = _by_file(catalog.read(workspace))
+    hashes = dict(zip(df["file"], dedup.hex_to_u64(df["phash"].to_list())))
+    assert int(np.bitwise_count(hashes["h.png"] ^ hashes["v.png"])) <= m.dedup.threshold  # the trap is real
+    groups = dict(zip(df["file"], df["dup_group"]))
+    assert groups["h.png"] is not None and groups["h.png"] == groups["h_copy.jpg"]
+    assert groups["v.png"] is None
+    assert s.guard_rejected_pairs >= 1
+
+
+# ---------------------------------------------------------------- stage, end to end
+
+
+def variants(im: Image.Image) -> dict[str, bytes]:
+    """Planted near duplicates of one image, each as the bytes a scraper could have found."""
+    w, h = im.size
+    # 2% per side: a slight crop. Global perceptual hashes lose crops quickly (4% per side moves
+    # line drawings 12-14 bits); the benchmark measures the harder 4% crop for both tools.
+    dx, dy = int(w * 0.02), int(h * 0.02)
+    return {
+        "resized": support.encode(im.resize((w // 2, h // 2), Image.BILINEAR), "JPEG", quality=90),
+        "lowq": support.encode(im, "JPEG", quality=15),
+        "cropped": support.encode(im.crop((dx, dy, w - dx, h - dy)), "JPEG", quality=90),
+        "bright": support.encode(ImageEnhance.Brightness(im).enhance(1.2), "JPEG", quality=90),
+        "grey": support.encode(im.convert("L"), "JPEG", quality=90),
+        "png": support.encode(im, "PNG"),
+    }
+
+
+def committed_images() -> list[tuple[str, Image.Image]]:
+    out = []
+    for p in sorted(ASSETS.glob("*.png")):
+        im = Image.open(p).convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        out.append((p.stem, Image.alpha_composite(bg, im).convert("RGB")))
+    return out
+
+
+def manifest_for(root: Path, **dedup_settings):
+    return parse_manifest(
+        {
+            "name": "t",
+            "classes": [{"name": "cat"}, {"name": "dog"}],
+            "sources": [{"type": "folder", "path": str(root), "license": "cc-by"}],
+            "dedup": dedup_settings,
+        }
+    )
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """A tree with originals (generated and committed), their planted copies, and distinct images."""
+    root = tmp_path / "tree"
+    originals = [(f"tex{s}", support.textured(s, (320, 240))) for s in range(6)] + committed_images()
+    assert len(originals) >= 9, "committed assets missing"
+    truth: dict[str, str] = {}  # file name -> original name
+    for k, (name, im) in enumerate(originals):
+        label = "cat" if k % 2 == 0 else "dog"
+        support.write(root / label / f"{name}.jpg", support.encode(im, "JPEG", quality=92))
+        truth[f"{name}.jpg"] = name
+        for v, data in variants(im).items():
+            ext = "png" if v == "png" else "jpg"
+            support.write(root / label / f"{name}_{v}.{ext}", data)
+            truth[f"{name}_{v}.{ext}"] = name
+    for s in range(100, 130):  # distinct images: must stay singletons
+        support.write(root / ("cat" if s % 2 else "dog") / f"distinct{s}.jpg", support.jpeg(s, (200, 150)))
+        truth[f"distinct{s}.jpg"] = f"distinct{s}"
+    return root, truth
+
+
+def _by_file(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_columns(pl.col("source_url").str.split("/").list.last().alias("file"))
+
+
+def test_planted_duplicates_found_distinct_kept_and_rerun_is_a_no_op(planted, workspace):
+    root, truth = planted
+    m = manifest_for(root)
+    ingest.run(m, workspace, show_progress=False)
+    s = dedup.run(m, workspace, show_progress=False)
+    df = _by_file(catalog.read(workspace))
+    assert df.height == len(truth) and s.hashed == len(truth) and s.hash_failed == 0
+
+    df = df.with_columns(pl.col("file").replace_strict(truth).alias("truth"))
+    # every planted copy is in its original's group, and no group mixes two originals
+    per_truth = df.group_by("truth").agg(pl.col("dup_group").n_unique().alias("groups"), pl.col("dup_group").first())
+    originals = per_truth.filter(~pl.col("truth").str.starts_with("distinct"))
+    missed = df.filter(~pl.col("truth").str.starts_with("distinct") & pl.col("dup_group").is_null())["file"].to_list()
+    assert missed == []
+    assert originals["groups"].to_list() == [1] * originals.height
+    grouped = df.filter(pl.col("dup_group").is_not_null())
+    assert grouped.group_by("dup_group").agg(pl.col("truth").n_unique()).filter(pl.col("truth") > 1).height == 0
+    distinct = df.filter(pl.col("truth").str.starts_with("distinct"))
+    assert distinct["dup_group"].null_count() == distinct.height
+    assert set(distinct["status"]) == {"candidate"}
+
+    # one representative per group, the largest image, kept as candidate; the rest rejected
+    for _, g in df.filter(pl.col("dup_group").is_not_null()).group_by("dup_group"):
+        rep = g.filter(pl.col("image_id") == pl.col("dup_group"))
+        assert rep.height == 1 and rep["status"][0] == "candidate" and rep["dup_of"][0] is None
+        assert (rep["width"][0] * rep["height"][0]) == (g["width"] * g["height"]).max()
+        rest = g.filter(pl.col("image_id") != pl.col("dup_group"))
+        assert set(rest["status"]) == {"rejected"} and set(rest["reason"]) == {"duplicate"}
+        assert set(rest["dup_of"]) == {rep["image_id"][0]}
+    assert s.groups == originals.height and s.duplicates == originals.height * 6
+    assert s.label_conflict_groups == 0 and not df["label_conflict"].any()
+
+    report = workspace.root / "stages" / "dedup"
+    assert (report / "groups.parquet").exists() and (report / "summary.json").exists()
+    assert pl.read_parquet(report / "groups.parquet").height == originals.height * 7
+
+    before = workspace.catalog_path.read_bytes()
+    s2 = dedup.run(m, workspace, show_progress=False)
+    assert s2.hashed == 0 and s2.rows_changed == 0
+    assert workspace.catalog_path.read_bytes() == before
+
+
+def test_cross_label_duplicates_are_conflicts_not_resolved(tmp_path, workspace):
+    root = tmp_path / "tree"
+    im = support.textured(1, (320, 240))
+    support.write(root / "cat" / "a.jpg", support.encode(im, "JPEG", quality=92))
+    support.write(root / "dog" / "a_small.jpg", support.encode(im.resize((160, 120)), "JPEG", quality=90))
+    exact = support.jpeg(2, (200, 150))
+    support.write(root / "cat" / "b.jpg", exact)
+    support.write(root / "dog" / "b.jpg", exact)  # same bytes, other label: one row, two sightings
+    support.write(root / "cat" / "c.jpg", support.jpeg(3, (200, 150)))
+    m = manifest_for(root)
+    ingest.run(m, workspace, show_progress=False)
+    s = dedup.run(m, workspace, show_progress=False)
+    df = _by_file(catalog.read(workspace))
+    a = df.filter(pl.col("file").is_in(["a.jpg", "a_small.jpg"]))
+    assert a["label_conflict"].to_list() == [True, True] and a["dup_group"].n_unique() == 1
+    # not resolved: each label keeps its image for the reviewer
+    assert a["status"].to_list() == ["candidate", "candidate"] and a["dup_of"].null_count() == 2
+    assert df.filter(pl.col("file") == "b.jpg")["label_conflict"].to_list() == [True]
+    assert df.filter(pl.col("file") == "c.jpg")["label_conflict"].to_list() == [False]
+    assert s.label_conflict_groups == 2 and s.exact_duplicate_sightings == 1
+    conflicts = pl.read_csv(workspace.root / "stages" / "dedup" / "label_conflicts.csv")
+    assert conflicts.height == 3
+
+
+def test_new_images_only_are_hashed_and_kind_change_rehashes(tmp_path, workspace, monkeypatch):
+    root = tmp_path / "tree"
+    for s in range(4):
+        support.write(root / "cat" / f"{s}.jpg", support.jpeg(s, (200, 150)))
+    m = manifest_for(root)
+    ingest.run(m, workspace, show_progress=False)
+    assert dedup.run(m, workspace, show_progress=False).hashed == 4
+
+    calls = []
+    real = dedup.hash_files
+    monkeypatch.setattr(dedup, "hash_files", lambda ps, k, **kw: calls.extend(ps) or real(ps, k, **kw))
+    im = support.textured(0, (200, 150))
+    support.write(root / "dog" / "new.jpg", support.jpeg(9, (200, 150)))
+    support.write(root / "dog" / "copy.jpg", support.encode(im.resize((100, 75)), "JPEG", quality=60))
+    ingest.run(m, workspace, show_progress=False)
+    s = dedup.run(m, workspace, show_progress=False)
+    assert s.hashed == 2 and len(calls) == 2
+    df = _by_file(catalog.read(workspace))
+    copy = df.filter(pl.col("file") == "copy.jpg").row(0, named=True)
+    assert copy["dup_group"] == df.filter(pl.col("file") == "0.jpg")["image_id"][0] and copy["label_conflict"]
+
+    calls.clear()
+    s = dedup.run(manifest_for(root, hash="dhash"), workspace, show_progress=False)
+    assert s.hashed == 6 and set(catalog.read(workspace)["hash_kind"]) == {"dhash"}
+
+
+def test_review_decisions_and_other_rejections_are_never_overwritten(tmp_path, workspace):
+    root = tmp_path / "tree"
+    im = support.textured(4, (320, 240))
+    support.write(root / "cat" / "orig.jpg", support.encode(im.resize((160, 120)), "JPEG", quality=92))
+    support.write(root / "cat" / "accepted_copy.jpg", support.encode(im.resize((120, 90)), "JPEG", quality=80))
+    # the largest copy, but rejected for another reason: must not become the representative
+    support.write(root / "horse" / "big.jpg", support.encode(im, "JPEG", quality=92))
+    support.write(root / "cat" / "lonely.jpg", support.jpeg(5, (200, 150)))
+    m = manifest_for(root)
+    ingest.run(m, workspace, show_progress=False)
+    df = _by_file(catalog.read(workspace))
+    ids = dict(zip(df["file"], df["image_id"]))
+    upd = pl.DataFrame({
+        "image_id": [ids["accepted_copy.jpg"], ids["lonely.jpg"]],
+        "status": ["accepted", "rejected"], "reason": [None, "duplicate"],  # lonely: a stale decision
+    })
+    catalog.write(workspace, catalog.update(catalog.read(workspace), upd))
+
+    s = dedup.run(m, workspace, show_progress=False)
+    df = _by_file(catalog.read(workspace)).sort("file")
+    row = {r["file"]: r for r in df.iter_rows(named=True)}
+    # accepted wins representative over larger candidates (a human chose it); it is never rejected
+    assert row["accepted_copy.jpg"]["status"] == "accepted" and row["accepted_copy.jpg"]["dup_of"] is None
+    assert row["orig.jpg"]["reason"] == "duplicate" and row["orig.jpg"]["dup_of"] == ids["accepted_copy.jpg"]
+    assert (row["big.jpg"]["status"], row["big.jpg"]["reason"]) == ("rejected", "class_not_in_manifest")
+    assert row["big.jpg"]["dup_of"] == ids["accepted_copy.jpg"]
+    assert (row["lonely.jpg"]["status"], row["lonely.jpg"]["reason"]) == ("candidate", None)
+    assert s.released == 1
+
+
+def test_hash_files_in_worker_processes_matches_direct_hashing(tmp_path):
+    paths = []
+    for i in range(300):  # above the size where worker processes take over from threads
+        p = tmp_path / f"{i}.jpg"
+        p.write_bytes(support.jpeg(i % 7, (64, 48), quality=80))
+        paths.append(p)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    paths.insert(5, broken)
+    got = list(dedup.hash_files(paths))
+    assert len(got) == 301 and got[5][0] is None and got[5][2]
+    for p, (h, sig, err) in list(zip(paths, got))[:12]:
+        if p != broken:
+            assert (h, sig, err) == (*dedup.hash_image(p), None)
+
+
+def test_unreadable_stored_file_is_counted_not_fatal(tmp_path, workspace):
+    root = tmp_path / "tree"
+    for s in range(3):
+        support.write(root / "cat" / f"{s}.jpg", support.jpeg(s, (200, 150)))
+    m = manifest_for(root)
+    ingest.run(m, workspace, show_progress=False)
+    victim = catalog.read(workspace)["path"][0]
+    (workspace.root / victim).write_bytes(b"gone")
+    s = dedup.run(m, workspace, show_progress=False)
+    assert (s.hashed, s.hash_failed) == (2, 1)
+
+
+def test_cli_dedup(tmp_path):
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    root = tmp_path / "tree"
+    im = support.textured(6, (200, 150))
+    support.write(root / "cat" / "a.jpg", support.encode(im, "JPEG", quality=92))
+    support.write(root / "cat" / "b.png", support.encode(im, "PNG"))
+    mpath = tmp_path / "m.yaml"
+    mpath.write_text(f"name: t\nclasses: [{{name: cat}}]\nsources: [{{type: folder, path: {root}}}]\n")
+    ws = tmp_path / "ws"
+    r = CliRunner().invoke(app, ["ingest", "-m", str(mpath), "-w", str(ws), "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["dedup", "-m", str(mpath), "-w", str(ws), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "1 duplicate groups, 1 duplicates" in r.output

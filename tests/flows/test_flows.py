@@ -1,0 +1,370 @@
+"""Orchestration end to end: a real Prefect server + process worker on loopback, `prefect.yaml` deployed,
+runs started the way users start them (`prefect deployment run ... --watch`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from prefect.states import Failed
+
+from curation import catalog
+from curation.catalog import Workspace
+from flows import common, stages
+from flows.stack import REPO_ROOT, Stack, free_port
+from tests import support
+
+N_URLS = 12
+GATE_AT = 6  # image requests from this index on wait for the test to open the gate
+CLASSES = ("cat", "dog")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+class ImageServer:
+    """Loopback images /img/<i>.jpg; requests for i >= GATE_AT block while the gate is closed."""
+
+    def __init__(self):
+        self.hits: Counter = Counter()
+        self.gate = threading.Event()
+        fx = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                fx.hits[self.path] += 1
+                name = self.path.rsplit("/", 1)[-1]
+                if not (self.path.startswith("/img/") and name.endswith(".jpg")):
+                    self.send_error(404)
+                    return
+                i = int(name[:-4])
+                if i >= GATE_AT:
+                    fx.gate.wait(120)
+                body = support.jpeg(1000 + i)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:  # the client was killed while waiting
+                    pass
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.srv.daemon_threads = True
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.srv.server_address[1]}"
+
+    def close(self):
+        self.gate.set()
+        self.srv.shutdown()
+
+
+def _mongod(tmp: Path):
+    spec = importlib.util.find_spec("fiftyone")
+    exe = Path(spec.submodule_search_locations[0]) / "db" / "bin" / "mongod"
+    port = free_port()
+    log = open(tmp / "mongod.log", "w")
+    proc = subprocess.Popen([str(exe), "--dbpath", str(tmp), "--port", str(port), "--bind_ip", "127.0.0.1", "--nounixsocket"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return proc, f"mongodb://127.0.0.1:{port}"
+
+
+def write_manifest(path: Path, name: str, sources: list[dict], **extra) -> Path:
+    data = {"name": name, "classes": [{"name": c} for c in CLASSES], "sources": sources,
+            "clip": {"skip_if_unavailable": True}, **extra}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def folder_tree(root: Path, offset: int = 0, n: int = 4) -> Path:
+    for i in range(n):
+        support.write(root / "cat" / f"c{i}.jpg", support.jpeg(offset + i))
+        support.write(root / "dog" / f"d{i}.png", support.png(offset + 100 + i))
+    support.write(root / "horse" / "h.jpg", support.jpeg(offset + 50))  # not a class: recorded, rejected
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Server + worker + deployments of prefect.yaml (plus `build-dataset/e2e`), an image server, a mongod."""
+    tmp = tmp_path_factory.mktemp("flows")
+    images = ImageServer()
+    csv = tmp / "urls.csv"
+    csv.write_text("url,label,license\n" + "".join(
+        f"{images.base}/img/{i}.jpg,{CLASSES[i % 2]},cc0\n" for i in range(N_URLS)))
+    manifest = write_manifest(
+        tmp / "e2e.yaml", "e2e",
+        [{"type": "folder", "path": str(folder_tree(tmp / "tree")), "license": "cc0"}, {"type": "urls", "path": str(csv)}],
+        # Catalog commits only at the end: a kill mid-scrape must be repaired from the scrape journal.
+        scrape={"target_per_class": 100, "concurrency": 2, "per_host_concurrency": 2,
+                "commit_every": 1000, "commit_interval_s": 600, "timeout_s": 120,
+                "allow_private_networks": True},
+        workdir=str(tmp / "ws"),
+    )
+    # The repository's prefect.yaml, plus one deployment of the same flow on the test manifest.
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    demo = next(d for d in spec["deployments"] if d["entrypoint"].endswith(":build_dataset") and d["name"] == "demo")
+    spec["deployments"].append({**demo, "name": "e2e", "schedules": [], "parameters": {"manifest": str(manifest)}})
+    pfile = tmp / "prefect.yaml"
+    pfile.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+    (tmp / "mongo").mkdir()
+    mongod, uri = _mongod(tmp / "mongo")
+    stack = Stack(home=tmp / "prefect-home", port=free_port(), pool="jurassiclass-test", prefect_file=pfile,
+                  worker_query_seconds=1, extra_env={"FIFTYONE_DATABASE_URI": uri, "HF_HUB_OFFLINE": "1"})
+    # The pool name is the repository's; the test pool keeps a developer's own stack untouched.
+    spec_text = pfile.read_text().replace("jurassiclass-process", "jurassiclass-test")
+    pfile.write_text(spec_text)
+    try:
+        stack.up()
+        yield {"stack": stack, "tmp": tmp, "manifest": manifest, "images": images, "ws": Workspace(tmp / "ws")}
+    finally:
+        stack.down()
+        images.close()
+        mongod.terminate()
+        try:
+            mongod.wait(20)
+        except subprocess.TimeoutExpired:
+            mongod.kill()
+
+
+def prefect_cli(stack: Stack, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("prefect")), *args], cwd=REPO_ROOT, env=stack.env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def client(stack: Stack):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(api=stack.api_url)
+
+
+def flow_runs(stack: Stack, deployment: str):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+
+    flow_name, dep_name = deployment.split("/")
+    with client(stack) as c:
+        return c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[dep_name])))
+
+
+def wait_for(pred, timeout: float, what: str, every: float = 0.2):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# ---------------------------------------------------------------- unit
+
+
+def test_overrides_and_parts(tmp_path):
+    m = write_manifest(tmp_path / "m.yaml", "u", [{"type": "folder", "path": "a"}, {"type": "folder", "path": "b"},
+                                                  {"type": "urls", "path": "u.csv"}])
+    got = common.load(m, {"scrape": {"target_per_class": 7}, "images": {"min_side": 64}})
+    assert got.scrape.target_per_class == 7 and got.images.min_side == 64 and got.scrape.concurrency == 16
+    assert got.sources[0].path == (tmp_path / "a").resolve()  # relative to the manifest, as with the CLI
+    with pytest.raises(Exception, match="target_per_class"):
+        common.load(m, {"scrape": {"target_per_class": -1}})
+    parts = stages.parts_of(stages.INGEST, got)
+    assert parts == [{"sources": [0]}, {"sources": [1]}]
+    assert [s.path.name for s in stages.restrict(got, parts[1]).sources] == ["b"]
+    assert stages.parts_of(stages.SCRAPE, got) is None
+    failed = Failed(data=FileNotFoundError("x"))
+    assert not stages._transient(None, None, failed) and stages._transient(None, None, Failed(data=ConnectionError("x")))
+    assert common.combine([{"added": 2, "rejected": {"x": 1}, "seen": 3}, {"added": 1, "rejected": {"x": 2, "y": 1}, "seen": 1}]) \
+        == {"added": 3, "rejected": {"x": 3, "y": 1}, "seen": 4}
+    assert common.artifact_key("Dino_set", "review-push", "Summary") == "dino-set-review-push-summary"
+
+
+def test_progress_listener_sees_stage_loops():
+    from curation.progress import listening, progress_map, track
+
+    seen = []
+    with listening(lambda *a: seen.append(a)):
+        assert list(progress_map(lambda x: x * 2, [1, 2, 3], description="double", show=False)) == [2, 4, 6]
+    list(track([1, 2], description="unobserved", show=False))
+    assert seen[0] == ("double", 0, 3) and seen[-1] == ("double", 3, 3)
+    assert all(d == "double" for d, _, _ in seen)
+
+
+def test_docker_compose_is_a_localhost_team_stack():
+    spec = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    services = spec["services"]
+    assert {"postgres", "prefect-server", "prefect-worker", "mongo", "fiftyone-app"} <= set(services)
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
+        for vol in svc.get("volumes", []):
+            src = str(vol).split(":")[0]
+            if not src.startswith((".", "/")):
+                assert src in spec["volumes"], f"{name} uses undeclared volume {src}"
+    server_env = services["prefect-server"]["environment"]
+    assert "postgresql+asyncpg://" in server_env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert "postgres" in services["prefect-server"]["depends_on"]
+    worker = services["prefect-worker"]
+    assert worker["build"]["context"] == "." and (REPO_ROOT / worker["build"].get("dockerfile", "Dockerfile")).is_file()
+    assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert services["fiftyone-app"]["environment"]["FIFTYONE_DATABASE_URI"] == "mongodb://mongo:27017"
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "pip install" in dockerfile and "COPY" in dockerfile
+
+
+# ---------------------------------------------------------------- the stack
+
+
+@pytest.mark.slow
+def test_up_is_idempotent_and_deploys_prefect_yaml(env):
+    stack = env["stack"]
+    pids = (stack.pid("server"), stack.pid("worker"))
+    stack.up()  # again: nothing new is started, deployments are updated in place
+    assert (stack.pid("server"), stack.pid("worker")) == pids and all(pids)
+    out = prefect_cli(stack, "deployment", "ls").stdout
+    for name in ("build-dataset/demo", "build-dataset/dinosaurs", "collect-review/demo", "collect-review/dinosaurs"):
+        assert name in out
+    with client(stack) as c:
+        dep = c.read_deployment_by_name("build-dataset/dinosaurs")
+        assert dep.work_pool_name == "jurassiclass-test"
+        assert dep.parameters == {"manifest": "manifests/dinosaurs.yaml"}
+        assert [s.active for s in dep.schedules] == [False]  # periodic re-scrape exists, off by default
+        assert Path(dep.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"]) == REPO_ROOT
+
+
+@pytest.mark.slow
+def test_build_dataset_killed_then_resumed_without_redoing_work(env):
+    stack, ws, images = env["stack"], env["ws"], env["images"]
+    images.gate.clear()
+    run = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "deployment", "run", "build-dataset/e2e"],
+                           cwd=REPO_ROOT, env=stack.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0, out
+    journal = ws.root / "stages" / "scrape" / "journal.jsonl"
+    # Ingest has committed; scrape (class by class) has stored cat's ungated images 0, 2, 4 and waits
+    # on the gate for the next: kill it there.
+    gated = [f"/img/{i}.jpg" for i in range(GATE_AT, N_URLS)]
+    wait_for(lambda: journal.exists() and journal.read_text().count("\n") >= GATE_AT // 2
+             and any(images.hits[g] for g in gated), 180, "scrape to store the first images")
+    (fr,) = flow_runs(stack, "build-dataset/e2e")
+    assert fr.infrastructure_pid, "the worker records the flow run's process"
+    pid = int(str(fr.infrastructure_pid).rsplit(":", 1)[-1])
+    os.kill(pid, signal.SIGKILL)
+    state = wait_for(lambda: (s := flow_runs(stack, "build-dataset/e2e")[0].state) and s.is_final() and s, 60, "crash state")
+    assert state.type.value == "CRASHED", state
+    ingested = catalog.read(ws)
+    assert ingested.height == 9 and set(ingested["source"]) == {"folder"}
+    stored_before = {p.name.split(".")[0] for p in (ws.root / "store").rglob("*.*")}
+
+    images.gate.set()
+    t0 = time.monotonic()
+    done = prefect_cli(stack, "deployment", "run", "build-dataset/e2e", "--watch", "--watch-timeout", "300", timeout=330)
+    assert done.returncode == 0 and "Completed" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
+
+    print(f"resumed run took {time.monotonic() - t0:.1f} s")
+    df = catalog.read(ws)
+    assert df["image_id"].n_unique() == df.height == 9 + N_URLS
+    web = df.filter(pl.col("source") == "urls")
+    assert web["source_url"].n_unique() == N_URLS and set(web["status"]) <= {"candidate", "accepted", "rejected"}
+    assert stored_before <= set(df["image_id"])  # what the killed run stored is cataloged, not lost
+    hits = [images.hits[f"/img/{i}.jpg"] for i in range(N_URLS)]
+    assert max(hits[:GATE_AT]) == 1  # finished downloads were not redone
+    assert sum(hits) <= N_URLS + 2  # at most the requests in flight at the kill (concurrency 2)
+    sightings = catalog.read_sightings(ws)
+    assert (sightings["source"] == "folder").sum() == 9  # ingest was not redone either
+    # scoring ran on the resumed run and, with no CLIP weights offline, recorded why it skipped
+    assert (ws.root / "stages" / "score" / "skipped.txt").is_file()
+
+    # artifacts of the completed run (parent flow run and its stage subflows)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    runs = [r for r in flow_runs(stack, "build-dataset/e2e") if r.state.is_completed()]
+    assert len(runs) == 1
+    with client(stack) as c:
+        subs = c.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[runs[0].id])))
+        ids = [runs[0].id, *[s.id for s in subs]]
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+        sub_flows = {c.read_flow(s.flow_id).name for s in subs}
+    assert sub_flows == {"ingest", "scrape", "dedup", "score", "review-push"}
+    keys = {a.key for a in arts if a.key}
+    assert {"e2e-build-dataset-summary", "e2e-per-class", "e2e-per-source", "e2e-per-reason", "e2e-workspace",
+            "e2e-ingest-summary", "e2e-scrape-sources"} <= keys, keys
+    md = next(a for a in arts if a.key == "e2e-build-dataset-summary").data
+    assert "Images per class and status" in md and "| cat |" in md and str(ws.root) in md
+    progress = {a.description: a.data for a in arts if a.type == "progress"}
+    assert progress["build-dataset: 5/5 stages, last finished: review-push"] == 100
+    # the stages' own loops (ingest's file map) report through curation.progress listeners
+    assert any(d.startswith("ingest: ingest tree") and v == 100 for d, v in progress.items()), progress
+    # link artifacts are stored as markdown links
+    assert ws.root.as_uri() in next(a for a in arts if a.key == "e2e-workspace").data
+    per_source = next(a for a in arts if a.key == "e2e-per-source").data
+    assert "urls" in str(per_source) and "folder" in str(per_source)
+
+
+@pytest.mark.slow
+def test_collect_review_pulls_and_reports_status(env):
+    stack, ws = env["stack"], env["ws"]
+    if not (ws.root / "catalog.parquet").exists():
+        pytest.fail("runs after the build-dataset test, on its workspace")
+    out = prefect_cli(stack, "deployment", "run", "collect-review/demo", "--param", f"manifest={env['manifest']}",
+                      "--watch", "--watch-timeout", "200", timeout=230)
+    assert out.returncode == 0, out.stdout[-4000:]
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with client(stack) as c:
+        (status,) = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-review-status"])))
+        (pull,) = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-review-pull-summary"])))
+    rows = status.data if isinstance(status.data, list) else json.loads(status.data)
+    assert {r["label"] for r in rows} >= set(CLASSES)  # one row per class, nothing reviewed yet
+    assert "samples" in str(pull.data)
+
+
+@pytest.mark.slow
+def test_failed_stage_message_shows_in_watch_output(env):
+    stack, tmp = env["stack"], env["tmp"]
+    bad = write_manifest(tmp / "bad.yaml", "bad", [{"type": "folder", "path": str(tmp / "no-such-tree")}], workdir=str(tmp / "ws-bad"))
+    out = prefect_cli(stack, "deployment", "run", "build-dataset/demo", "--param", f"manifest={bad}", "--watch",
+                      "--watch-timeout", "120", timeout=150)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "Failed" in text
+    # the CLI wraps long lines: compare without whitespace
+    flat = re.sub(r"\s+", "", text)
+    assert re.sub(r"\s+", "", f"stage ingest failed: FileNotFoundError: folder source {tmp / 'no-such-tree'} does not exist") in flat
+
+
+@pytest.mark.slow
+def test_mapped_ingest_on_a_local_dask_cluster(env):
+    stack, tmp = env["stack"], env["tmp"]
+    a, b = folder_tree(tmp / "dask-a", 300), folder_tree(tmp / "dask-b", 400, n=2)
+    m = write_manifest(tmp / "dask.yaml", "dask", [{"type": "folder", "path": str(a)}, {"type": "folder", "path": str(b)}],
+                       workdir=str(tmp / "ws-dask"))
+    out = prefect_cli(stack, "deployment", "run", "build-dataset/demo", "--param", f"manifest={m}",
+                      "--param", "dask_address=local", "--params", '{"skip": ["dedup", "score", "review-push"]}',
+                      "--watch", "--watch-timeout", "240", timeout=270)
+    assert out.returncode == 0, out.stdout[-4000:]
+    df = catalog.read(Workspace(tmp / "ws-dask"))
+    assert df.height == 9 + 5 and df["image_id"].n_unique() == df.height
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with client(stack) as c:
+        names = {t.name for t in c.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="ingest[")))}
+    assert {"ingest[source 0]", "ingest[source 1]"} <= names
