@@ -53,7 +53,7 @@ down:
 
 demo: venv demo-data up
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect deployment run 'build-dataset/demo' --watch
-	@$(BIN)/python -c "from flows.common import load, workspace_for; print('outputs:', workspace_for(load('manifests/demo.yaml'), None).root)"
+	@$(BIN)/jurassiclass catalog --workdir workspaces/demo
 	@echo "Prefect UI (runs, artifacts): http://127.0.0.1:$(PREFECT_PORT)   stop the stack: make down"
 
 demo-local: venv demo-data

@@ -57,9 +57,9 @@ def main() -> None:
 
         from curation import dedup, ingest
         from curation.catalog import Workspace
-        from flows.common import load
+        from curation.config import load_manifest
 
-        m = load(manifest)
+        m = load_manifest(manifest)
         ws = Workspace(tmp / "ws-direct").ensure()
         t0 = time.perf_counter()
         ingest.run(m, ws, show_progress=False)

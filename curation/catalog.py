@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 import polars as pl
 
 from curation.store import ImageStore, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from curation.config import Manifest
 
 
 class Status(str, Enum):
@@ -224,3 +227,18 @@ def save_resolved_manifest(ws: Workspace, text: str) -> Path:
     p = ws.ensure().root / "manifest.resolved.yaml"
     atomic_write_bytes(p, text.encode())
     return p
+
+
+def start_run(manifest: "Manifest", workdir: str | Path | None = None, *, default_root: Path = Path("workspaces")) -> Workspace:
+    """The run's workspace (``workdir``, else the manifest's, else default_root/<name>), with the
+    resolved settings saved beside its outputs so any result traces back to them."""
+    from curation.config import dump_manifest
+
+    if workdir:
+        ws = Workspace(Path(workdir).expanduser())
+    elif manifest.workdir is not None:
+        ws = Workspace(manifest.workdir)
+    else:
+        ws = Workspace(default_root / manifest.name)
+    save_resolved_manifest(ws.ensure(), dump_manifest(manifest))
+    return ws

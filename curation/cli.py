@@ -11,7 +11,7 @@ import typer
 
 from curation import catalog, report
 from curation.catalog import Workspace
-from curation.config import FolderSource, Manifest, ManifestError, dump_manifest, load_manifest
+from curation.config import FolderSource, Manifest, ManifestError, load_manifest
 
 app = typer.Typer(
     help="Turn a list of class names into a clean, reviewed, published image dataset.",
@@ -30,23 +30,13 @@ def fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def resolve_workdir(manifest: Manifest, workdir: Path | None) -> Workspace:
-    if workdir is not None:
-        return Workspace(workdir)
-    if manifest.workdir is not None:
-        return Workspace(manifest.workdir)
-    return Workspace(Path("workspaces") / manifest.name)
-
-
 def open_run(manifest_path: Path, workdir: Path | None) -> tuple[Manifest, Workspace]:
     """Load the manifest, pick the workspace, and save the resolved settings beside the outputs."""
     try:
         m = load_manifest(manifest_path)
     except ManifestError as exc:
         fail(str(exc))
-    ws = resolve_workdir(m, workdir).ensure()
-    catalog.save_resolved_manifest(ws, dump_manifest(m))
-    return m, ws
+    return m, catalog.start_run(m, workdir)
 
 
 def finish(ws: Workspace, headline: str) -> None:
@@ -85,6 +75,8 @@ def show_catalog(
         fail(f"no catalog in {ws.root}: run a stage first (e.g. `jurassiclass ingest`)")
     df = catalog.read(ws)
     report.print_catalog(df)
+    outputs = sorted(p.name for p in (ws.root / "stages").glob("*")) if (ws.root / "stages").exists() else []
+    typer.echo(f"workspace: {ws.root}  (catalog.parquet, store/, stages/: {', '.join(outputs) or 'none yet'})")
     if export:
         df.select([c for c in df.columns if df.schema[c].is_nested() is False]).write_csv(export)
         typer.echo(f"wrote {export}")
@@ -252,8 +244,10 @@ def run(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quie
     lines = []
     if m.sources_of(FolderSource):
         lines.append(do_ingest(m, ws, quiet))
-    if not m.sources or any(not isinstance(src, FolderSource) for src in m.sources):
-        lines.append(do_scrape(m, ws, quiet))  # no sources at all: scrape Bing
+    from curation.scrape import has_web_sources
+
+    if has_web_sources(m):
+        lines.append(do_scrape(m, ws, quiet))
     lines.append(do_dedup(m, ws, quiet))
     lines.append(do_score(m, ws, quiet))
     if m.review.push_in_run:

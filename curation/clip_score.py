@@ -760,14 +760,6 @@ def _eligible(df: pl.DataFrame, labels: list[str]) -> pl.Expr:
     return expr
 
 
-def _check_class_keys(manifest: Manifest) -> None:
-    known = set(manifest.class_names)
-    for field_name in ("class_thresholds", "class_prompts"):
-        bad = sorted(set(getattr(manifest.clip, field_name)) - known)
-        if bad:
-            raise ClipSetupError(f"clip.{field_name} names classes not in the manifest: {', '.join(bad)}")
-
-
 def _mark_skipped(manifest: Manifest, ws: Workspace, reason: str, summary: ScoreSummary) -> ScoreSummary:
     labels = manifest.class_names
     with catalog.locked(ws):
@@ -795,7 +787,6 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, device
     Raises WeightsUnavailable when the weights cannot be obtained (unless clip.skip_if_unavailable,
     which marks images skipped instead) and ClipSetupError for settings that cannot work.
     """
-    _check_class_keys(manifest)
     try:
         clip = load_model(manifest.clip, device=device)
     except WeightsUnavailable as exc:

@@ -429,6 +429,11 @@ class Manifest(_Strict):
             if key in seen:
                 raise ValueError(f"class {c.name!r} is listed twice")
             seen.add(key)
+        known = set(self.class_names)
+        for field_name in ("class_thresholds", "class_prompts"):
+            bad = sorted(set(getattr(self.clip, field_name)) - known)
+            if bad:
+                raise ValueError(f"clip.{field_name} names classes not in the manifest: {', '.join(bad)}")
         return self
 
     @property
@@ -472,11 +477,23 @@ def parse_manifest(data: object, *, origin: str = "<manifest>", base_dir: Path |
                 src.path = (base_dir / src.path).resolve()
         if m.workdir is not None and not m.workdir.is_absolute():
             m.workdir = (base_dir / m.workdir).resolve()
+        if m.clip.model_config_path is not None and not m.clip.model_config_path.is_absolute():
+            m.clip.model_config_path = (base_dir / m.clip.model_config_path).resolve()
+        # `pretrained` is a tag or a file: only a relative path naming a real file is rebased.
+        if m.clip.pretrained and not Path(m.clip.pretrained).is_absolute() and (base_dir / m.clip.pretrained).is_file():
+            m.clip.pretrained = str((base_dir / m.clip.pretrained).resolve())
     return m
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate a manifest file."""
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_manifest(path: str | Path, overrides: dict | None = None) -> Manifest:
+    """Read and validate a manifest file, deep-merging ``overrides`` (e.g. ``{"scrape": {"target_per_class": 50}}``) first."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file not found")
@@ -484,7 +501,13 @@ def load_manifest(path: str | Path) -> Manifest:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML: {exc}") from None
-    return parse_manifest(data, origin=str(path), base_dir=path.resolve().parent)
+    origin = str(path)
+    if overrides:
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        data = _deep_merge(data, overrides)
+        origin = f"{path} (with overrides {overrides})"
+    return parse_manifest(data, origin=origin, base_dir=path.resolve().parent)
 
 
 def dump_manifest(m: Manifest) -> str:

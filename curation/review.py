@@ -765,9 +765,11 @@ def launch_app(
     ds = _load(manifest, ws)
     fo = _fo()
     target = ds.load_saved_view(view) if view else ds
+    # Listed before the server starts: a push running while the App is up redefines the views.
+    views = ds.list_saved_views()
     session = fo.launch_app(target, remote=True, address=address, port=port, auto=False)
     echo(f"review App: {app_url(manifest, address, port)}")
-    echo("saved views: " + ", ".join(ds.list_saved_views()))
+    echo("saved views: " + ", ".join(views))
     if wait:
         session.wait(-1)
     return session

@@ -176,6 +176,11 @@ def effective_sources(m: Manifest) -> list:
     return list(m.sources) if m.sources else [SearchEngineSource(type="bing")]
 
 
+def has_web_sources(m: Manifest) -> bool:
+    """Whether this stage has anything to fetch (folder sources are the ingest stage's)."""
+    return any(not isinstance(s, FolderSource) for s in effective_sources(m))
+
+
 def _candidates(m: Manifest, spec: ClassSpec, dl: Downloader, url_lists: dict[int, pl.DataFrame], excluded: Counter,
                 errors: list[str]):
     """Every source's candidates for one class, in manifest order, lazily."""

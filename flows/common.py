@@ -12,11 +12,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from curation import catalog
 from curation.catalog import Workspace
-from curation.config import Manifest, ManifestError, dump_manifest, parse_manifest
+from curation.config import Manifest, load_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,45 +27,11 @@ def manifest_file(path: str | Path) -> Path:
     return p.resolve()
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Manifest:
-    """Read a manifest and deep-merge ``overrides`` (e.g. ``{"scrape": {"target_per_class": 50}}``) before validation."""
-    p = manifest_file(path)
-    if not p.is_file():
-        raise ManifestError(f"{path}: manifest file not found (looked at {p})")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{p}: not valid YAML: {exc}") from None
-    if overrides:
-        if not isinstance(data, dict):
-            raise ManifestError(f"{p}: expected a mapping at the top level")
-        data = _merge(data, overrides)
-    origin = f"{p} (with overrides {overrides})" if overrides else str(p)
-    return parse_manifest(data, origin=origin, base_dir=p.parent)
-
-
-def workspace_for(m: Manifest, workdir: str | Path | None) -> Workspace:
-    """The run's workspace: ``workdir`` if given, else the manifest's, else workspaces/<name> in the repo."""
-    if workdir:
-        return Workspace(Path(workdir).expanduser()).ensure()
-    if m.workdir is not None:
-        return Workspace(m.workdir).ensure()
-    return Workspace(REPO_ROOT / "workspaces" / m.name).ensure()
-
-
 def open_run(manifest: str | Path, workdir: str | None = None, overrides: dict | None = None) -> tuple[Manifest, Workspace]:
-    """Load, pick the workspace and save the resolved settings beside the outputs (like the CLI)."""
-    m = load(manifest, overrides)
-    ws = workspace_for(m, workdir)
-    catalog.save_resolved_manifest(ws, dump_manifest(m))
-    return m, ws
+    """Load (with overrides), pick the workspace and save the resolved settings (like the CLI);
+    without a workdir the default workspace lives in the repository, not the worker's cwd."""
+    m = load_manifest(manifest_file(manifest), overrides)
+    return m, catalog.start_run(m, workdir, default_root=REPO_ROOT / "workspaces")
 
 
 def plain(obj: Any) -> Any:

@@ -48,7 +48,9 @@ def _has_folder(m: Manifest) -> bool:
 
 
 def _has_web(m: Manifest) -> bool:
-    return any(not isinstance(s, FolderSource) for s in m.sources)
+    from curation.scrape import has_web_sources  # imported late: flows load stages lazily
+
+    return has_web_sources(m)
 
 
 INGEST = Stage("ingest", _call("ingest", "run", show_progress=False), applies=_has_folder, map_over="folder_sources")

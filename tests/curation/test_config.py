@@ -71,3 +71,25 @@ def test_defaults_and_relative_paths(tmp_path):
     assert m.classes[0].queries == ["Cat"]
     assert m.sources[0].path == (tmp_path / "imgs").resolve()
     assert m.dedup.threshold == 10 and m.target_for("Cat") == m.scrape.target_per_class
+
+
+def test_clip_class_overrides_must_name_manifest_classes(tmp_path):
+    p = write(tmp_path, "name: x\nclasses: [{name: a}]\nclip: {class_thresholds: {b: {min_margin: 0.1}}}\n")
+    with pytest.raises(ManifestError, match="class_thresholds names classes not in the manifest: b"):
+        load_manifest(p)
+
+
+def test_overrides_are_merged_before_validation(tmp_path):
+    p = write(tmp_path, "name: x\nclasses: [{name: a}]\nscrape: {concurrency: 3}\n")
+    m = load_manifest(p, {"scrape": {"target_per_class": 7}})
+    assert (m.scrape.target_per_class, m.scrape.concurrency) == (7, 3)
+    with pytest.raises(ManifestError, match="with overrides"):
+        load_manifest(p, {"scrape": {"target_per_class": -1}})
+
+
+def test_relative_clip_checkpoint_resolves_against_manifest(tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"x")
+    p = write(tmp_path, "name: x\nclasses: [{name: a}]\nclip: {pretrained: w.pt}\n")
+    assert load_manifest(p).clip.pretrained == str((tmp_path / "w.pt").resolve())
+    p = write(tmp_path, "name: x\nclasses: [{name: a}]\nclip: {pretrained: openai}\n")
+    assert load_manifest(p).clip.pretrained == "openai"

@@ -23,6 +23,7 @@ from prefect.states import Failed
 
 from curation import catalog
 from curation.catalog import Workspace
+from curation.config import load_manifest
 from flows import common, stages
 from flows.stack import REPO_ROOT, Stack, free_port
 from tests import support
@@ -182,11 +183,11 @@ def wait_for(pred, timeout: float, what: str, every: float = 0.2):
 def test_overrides_and_parts(tmp_path):
     m = write_manifest(tmp_path / "m.yaml", "u", [{"type": "folder", "path": "a"}, {"type": "folder", "path": "b"},
                                                   {"type": "urls", "path": "u.csv"}])
-    got = common.load(m, {"scrape": {"target_per_class": 7}, "images": {"min_side": 64}})
+    got = load_manifest(m, {"scrape": {"target_per_class": 7}, "images": {"min_side": 64}})
     assert got.scrape.target_per_class == 7 and got.images.min_side == 64 and got.scrape.concurrency == 16
     assert got.sources[0].path == (tmp_path / "a").resolve()  # relative to the manifest, as with the CLI
     with pytest.raises(Exception, match="target_per_class"):
-        common.load(m, {"scrape": {"target_per_class": -1}})
+        load_manifest(m, {"scrape": {"target_per_class": -1}})
     parts = stages.parts_of(stages.INGEST, got)
     assert parts == [{"sources": [0]}, {"sources": [1]}]
     assert [s.path.name for s in stages.restrict(got, parts[1]).sources] == ["b"]
