@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import polars as pl
@@ -266,10 +266,13 @@ class ApiPageError(RuntimeError):
     """An API page that could not be had after the downloader's retries: the source stops for this class."""
 
 
-def _api_pages(dl: Downloader, url: str, params: dict, src: LicensedApiSource, what: str) -> Iterator[dict]:
-    """Yields JSON pages; the caller mutates `params` between pages and asks for the next with send(True)."""
+def _api_pages(
+    dl: Downloader, url: str, params: dict, src: LicensedApiSource, what: str,
+    next_params: Callable[[dict, dict], dict | None],
+) -> Iterator[dict]:
+    """JSON pages of one API listing; ``next_params(page, params)`` gives the next page's params, or None at the end."""
     lagged = 0
-    while True:
+    while params is not None:
         data, res = dl.get_json(url, dict(params))
         if data is None:
             raise ApiPageError(f"{what}: API page failed ({res.reason} {res.detail})".strip())
@@ -280,16 +283,20 @@ def _api_pages(dl: Downloader, url: str, params: dict, src: LicensedApiSource, w
                 time.sleep(max(src.request_interval_s, 5.0))
                 continue
             raise ApiPageError(f"{what}: API error {data['error'].get('code')}: {data['error'].get('info', '')}"[:300])
-        more = yield data
-        if not more:
-            return
-        if src.request_interval_s:
+        yield data
+        params = next_params(data, params)
+        if params is not None and src.request_interval_s:
             time.sleep(src.request_interval_s)
 
 
 def wikimedia(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterator[Candidate]:
     """Wikimedia Commons file search per query; licence, author and file page from extmetadata."""
     url = src.endpoint or "https://commons.wikimedia.org/w/api.php"
+
+    def next_params(data: dict, params: dict) -> dict | None:
+        cont = data.get("continue")
+        return {**params, **cont} if cont else None
+
     for query in spec.queries:
         params = {
             "action": "query", "format": "json", "formatversion": "2", "maxlag": "5",
@@ -299,31 +306,21 @@ def wikimedia(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterat
         }
         if src.image_width:
             params["iiurlwidth"] = str(src.image_width)
-        pages = _api_pages(dl, url, params, src, f"wikimedia {query!r}")
-        try:
-            data = next(pages)
-            while True:
-                items = (data.get("query") or {}).get("pages") or []
-                if isinstance(items, dict):  # formatversion=1 shape
-                    items = list(items.values())
-                for page in sorted(items, key=lambda p: p.get("index", 0)):
-                    for info in page.get("imageinfo") or []:
-                        if not str(info.get("mime", "image/")).startswith("image/"):
-                            continue
-                        meta = info.get("extmetadata") or {}
-                        lic = (meta.get("LicenseShortName") or {}).get("value") or (meta.get("LicenseUrl") or {}).get("value")
-                        yield candidate(
-                            info.get("thumburl") or info.get("url"), spec.name, "wikimedia", query=query,
-                            page_url=info.get("descriptionurl"), license=_text(lic),
-                            author=_text((meta.get("Artist") or {}).get("value")),
-                        )
-                cont = data.get("continue")
-                if not cont:
-                    break
-                params.update(cont)
-                data = pages.send(True)
-        except StopIteration:
-            pass
+        for data in _api_pages(dl, url, params, src, f"wikimedia {query!r}", next_params):
+            items = (data.get("query") or {}).get("pages") or []
+            if isinstance(items, dict):  # formatversion=1 shape
+                items = list(items.values())
+            for page in sorted(items, key=lambda p: p.get("index", 0)):
+                for info in page.get("imageinfo") or []:
+                    if not str(info.get("mime", "image/")).startswith("image/"):
+                        continue
+                    meta = info.get("extmetadata") or {}
+                    lic = (meta.get("LicenseShortName") or {}).get("value") or (meta.get("LicenseUrl") or {}).get("value")
+                    yield candidate(
+                        info.get("thumburl") or info.get("url"), spec.name, "wikimedia", query=query,
+                        page_url=info.get("descriptionurl"), license=_text(lic),
+                        author=_text((meta.get("Artist") or {}).get("value")),
+                    )
 
 
 def inaturalist(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterator[Candidate]:
@@ -340,30 +337,27 @@ def inaturalist(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iter
     if codes:
         params["photo_license"] = ",".join(codes)
     size = "large" if (src.image_width or 1024) <= 1024 else "original"
-    pages = _api_pages(dl, f"{base}/observations", params, src, f"inaturalist {spec.name!r}")
-    try:
-        data = next(pages)
-        while True:
-            results = data.get("results") or []
-            for obs in results:
-                user = obs.get("user") or {}
-                page = obs.get("uri") or f"https://www.inaturalist.org/observations/{obs.get('id')}"
-                for photo in obs.get("photos") or []:
-                    if not photo.get("url"):
-                        continue
-                    yield candidate(
-                        re.sub(r"/square\.", f"/{size}.", photo["url"]), spec.name, "inaturalist",
-                        query=params.get("taxon_name") or f"taxon:{taxon}", page_url=page,
-                        license=photo.get("license_code") or "all-rights-reserved",
-                        author=user.get("name") or user.get("login") or _text(photo.get("attribution")),
-                    )
-            page_no = int(params["page"])
-            if not results or page_no * int(params["per_page"]) >= int(data.get("total_results") or 0):
-                break
-            params["page"] = str(page_no + 1)
-            data = pages.send(True)
-    except StopIteration:
-        pass
+
+    def next_params(data: dict, params: dict) -> dict | None:
+        page_no = int(params["page"])
+        if not data.get("results") or page_no * int(params["per_page"]) >= int(data.get("total_results") or 0):
+            return None
+        return {**params, "page": str(page_no + 1)}
+
+    query = params.get("taxon_name") or f"taxon:{taxon}"
+    for data in _api_pages(dl, f"{base}/observations", params, src, f"inaturalist {spec.name!r}", next_params):
+        for obs in data.get("results") or []:
+            user = obs.get("user") or {}
+            page = obs.get("uri") or f"https://www.inaturalist.org/observations/{obs.get('id')}"
+            for photo in obs.get("photos") or []:
+                if not photo.get("url"):
+                    continue
+                yield candidate(
+                    re.sub(r"/square\.", f"/{size}.", photo["url"]), spec.name, "inaturalist",
+                    query=query, page_url=page,
+                    license=photo.get("license_code") or "all-rights-reserved",
+                    author=user.get("name") or user.get("login") or _text(photo.get("attribution")),
+                )
 
 
 def gbif(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterator[Candidate]:
@@ -375,28 +369,25 @@ def gbif(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterator[Ca
         params["taxonKey"] = str(taxon)
     else:
         params["scientificName"] = spec.name
-    pages = _api_pages(dl, f"{base}/occurrence/search", params, src, f"gbif {spec.name!r}")
-    try:
-        data = next(pages)
-        while True:
-            results = data.get("results") or []
-            for occ in results:
-                for media in occ.get("media") or []:
-                    if media.get("type", "StillImage") != "StillImage" or not media.get("identifier"):
-                        continue
-                    yield candidate(
-                        media["identifier"], spec.name, "gbif",
-                        query=params.get("scientificName") or f"taxon:{taxon}",
-                        page_url=media.get("references") or f"https://www.gbif.org/occurrence/{occ.get('key')}",
-                        license=media.get("license") or occ.get("license"),
-                        author=media.get("creator") or media.get("rightsHolder") or occ.get("recordedBy"),
-                    )
-            if data.get("endOfRecords", True) or not results:
-                break
-            params["offset"] = str(int(params["offset"]) + len(results))
-            data = pages.send(True)
-    except StopIteration:
-        pass
+
+    def next_params(data: dict, params: dict) -> dict | None:
+        results = data.get("results") or []
+        if data.get("endOfRecords", True) or not results:
+            return None
+        return {**params, "offset": str(int(params["offset"]) + len(results))}
+
+    query = params.get("scientificName") or f"taxon:{taxon}"
+    for data in _api_pages(dl, f"{base}/occurrence/search", params, src, f"gbif {spec.name!r}", next_params):
+        for occ in data.get("results") or []:
+            for media in occ.get("media") or []:
+                if media.get("type", "StillImage") != "StillImage" or not media.get("identifier"):
+                    continue
+                yield candidate(
+                    media["identifier"], spec.name, "gbif", query=query,
+                    page_url=media.get("references") or f"https://www.gbif.org/occurrence/{occ.get('key')}",
+                    license=media.get("license") or occ.get("license"),
+                    author=media.get("creator") or media.get("rightsHolder") or occ.get("recordedBy"),
+                )
 
 
 API_SOURCES = {"wikimedia": wikimedia, "inaturalist": inaturalist, "gbif": gbif}
