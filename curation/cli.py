@@ -39,10 +39,15 @@ def open_run(manifest_path: Path, workdir: Path | None) -> tuple[Manifest, Works
     return m, catalog.start_run(m, workdir)
 
 
+def workspace_line(ws: Workspace) -> str:
+    stages = sorted(p.name for p in (ws.root / "stages").glob("*")) if (ws.root / "stages").exists() else []
+    return f"workspace: {ws.root}  (catalog.parquet, store/, stages/: {', '.join(stages) or 'none yet'})"
+
+
 def finish(ws: Workspace, headline: str) -> None:
     typer.secho(headline, bold=True)
     report.print_catalog(catalog.read(ws))
-    typer.echo(f"workspace: {ws.root}")
+    typer.echo(workspace_line(ws))
 
 
 def do_ingest(m: Manifest, ws: Workspace, quiet: bool) -> str:
@@ -75,8 +80,7 @@ def show_catalog(
         fail(f"no catalog in {ws.root}: run a stage first (e.g. `jurassiclass ingest`)")
     df = catalog.read(ws)
     report.print_catalog(df)
-    outputs = sorted(p.name for p in (ws.root / "stages").glob("*")) if (ws.root / "stages").exists() else []
-    typer.echo(f"workspace: {ws.root}  (catalog.parquet, store/, stages/: {', '.join(outputs) or 'none yet'})")
+    typer.echo(workspace_line(ws))
     if export:
         df.select([c for c in df.columns if df.schema[c].is_nested() is False]).write_csv(export)
         typer.echo(f"wrote {export}")
