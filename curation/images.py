@@ -127,15 +127,20 @@ def normalise(data: bytes, *, min_side: int = 32, max_pixels: int = 80_000_000) 
             im.seek(0)
         orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
         mode = im.mode
-        im.load()  # full decode: truncated files fail here
+        width, height = im.size
+        clean = fmt in _PASSTHROUGH and mode in ("RGB", "L") and orientation in (1, None) and n_frames == 1
+        if clean and fmt == "JPEG":
+            # A JPEG kept as it is only needs validating: decoding at 1/8 scale still reads every
+            # entropy-coded byte (truncation is caught) but skips most of the IDCT, ~4x faster.
+            im.draft(mode, (max(1, width // 8), max(1, height // 8)))
+        im.load()  # a decode of the whole stream: truncated files fail here
     except Exception as exc:  # noqa: BLE001
         msg = str(exc)
         reason = "truncated" if "truncated" in msg or "broken data stream" in msg else "corrupt"
         return Rejected(reason, f"{type(exc).__name__}: {msg}")
 
-    clean = fmt in _PASSTHROUGH and mode in ("RGB", "L") and orientation in (1, None) and n_frames == 1
     if clean:
-        return Normalised(data, _PASSTHROUGH[fmt], im.width, im.height, fmt, reencoded=False)
+        return Normalised(data, _PASSTHROUGH[fmt], width, height, fmt, reencoded=False)
 
     if orientation not in (1, None):
         notes.append(f"exif-orientation:{orientation}")

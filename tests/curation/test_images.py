@@ -67,3 +67,16 @@ def test_open_rgb_draft_decodes_small(tmp_path):
     small = open_rgb(p, draft=(64, 64))
     assert full.size == (800, 600)
     assert small.mode == "RGB" and small.size[0] < 800 and small.size[0] >= 64
+
+
+@pytest.mark.parametrize("frac", [0.3, 0.9, 0.995])
+def test_truncated_jpeg_is_caught_at_any_cut(frac):
+    # Clean JPEGs are validated with a reduced-scale decode; it must still read the whole stream.
+    data = support.jpeg(3, (640, 480))
+    out = normalise(data[: int(len(data) * frac)])
+    assert isinstance(out, Rejected) and out.reason == "truncated"
+
+
+def test_clean_jpeg_reports_full_size():
+    out = normalise(support.jpeg(4, (640, 480)))
+    assert isinstance(out, Normalised) and (out.width, out.height) == (640, 480) and not out.reencoded
