@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 import polars as pl
 
-from curation.store import ImageStore, atomic_write_bytes
+from curation.store import ImageStore, PartsTable, atomic_write_bytes
 
 if TYPE_CHECKING:
     from curation.config import Manifest
@@ -186,22 +186,17 @@ def update(df: pl.DataFrame, updates: pl.DataFrame) -> pl.DataFrame:
     ).select(df.columns)
 
 
+def _sightings(ws: Workspace) -> PartsTable:
+    return PartsTable(ws.sightings_dir, {c: SCHEMA[c] for c in SIGHTING_COLUMNS})
+
+
 def record_sightings(ws: Workspace, rows: pl.DataFrame) -> None:
     """Append where/under which label images were found: the same bytes found twice both count."""
-    if rows.is_empty():
-        return
-    ws.sightings_dir.mkdir(parents=True, exist_ok=True)
-    frame = ensure_columns(rows, SCHEMA).select(SIGHTING_COLUMNS)
-    tmp = ws.sightings_dir / f".{uuid.uuid4().hex}.tmp"
-    frame.write_parquet(tmp)
-    os.replace(tmp, ws.sightings_dir / f"{uuid.uuid4().hex}.parquet")
+    _sightings(ws).append(ensure_columns(rows, SCHEMA).select(SIGHTING_COLUMNS))
 
 
 def read_sightings(ws: Workspace) -> pl.DataFrame:
-    files = sorted(ws.sightings_dir.glob("*.parquet")) if ws.sightings_dir.exists() else []
-    if not files:
-        return pl.DataFrame(schema={c: SCHEMA[c] for c in SIGHTING_COLUMNS})
-    return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
+    return _sightings(ws).read()
 
 
 def counts(df: pl.DataFrame) -> pl.DataFrame:

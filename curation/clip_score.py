@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,6 +37,7 @@ from curation import catalog
 from curation.catalog import Status, Workspace
 from curation.config import ClipPrecision, ClipSettings, ClipThresholds, Manifest, Threshold, ThresholdMode
 from curation.images import open_rgb
+from curation.store import PartsTable
 
 STAGE = "score"
 CLIP_COLUMNS: dict[str, pl.DataType] = {
@@ -617,16 +617,16 @@ class EmbeddingCache:
 
     def __init__(self, root: Path):
         self.root = root
+        # The embedding width is only known from the first batch; reads never need the schema.
+        self.table = PartsTable(root, {"image_id": pl.Utf8, "embedding": pl.List(pl.Float32)})
 
     def _shards(self) -> list[Path]:
-        return sorted(self.root.glob("part-*.parquet")) if self.root.exists() else []
+        return self.table.parts()
 
     def load(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        shards = self._shards()
-        if not shards or not ids:
+        if not ids or not self._shards():
             return {}
-        frame = pl.concat([pl.read_parquet(s) for s in shards], how="vertical_relaxed")
-        frame = frame.filter(pl.col("image_id").is_in(list(ids))).unique("image_id", keep="last")
+        frame = self.table.read().filter(pl.col("image_id").is_in(list(ids))).unique("image_id", keep="last")
         if frame.is_empty():
             return {}
         emb = frame["embedding"].to_numpy().astype(np.float32)
@@ -635,25 +635,15 @@ class EmbeddingCache:
     def append(self, ids: Sequence[str], emb: np.ndarray) -> None:
         if len(ids) == 0:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        frame = pl.DataFrame(
+        self.table.append(pl.DataFrame(
             {"image_id": list(ids), "embedding": np.asarray(emb, np.float32)},
             schema={"image_id": pl.Utf8, "embedding": pl.Array(pl.Float32, emb.shape[1])},
-        )
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.root / f".{name}.tmp"
-        frame.write_parquet(tmp)
-        os.replace(tmp, self.root / name)
+        ))
 
     def compact(self) -> None:
         """Merge shards once there are many (the merged one is written before any is removed)."""
-        shards = self._shards()
-        if len(shards) <= self.MAX_SHARDS:
-            return
-        frame = pl.concat([pl.read_parquet(s) for s in shards], how="vertical_relaxed").unique("image_id", keep="last")
-        self.append(frame["image_id"].to_list(), frame["embedding"].to_numpy())
-        for s in shards:
-            s.unlink(missing_ok=True)
+        if len(self._shards()) > self.MAX_SHARDS:
+            self.table.compact(self.table.read().unique("image_id", keep="last", maintain_order=True))
 
 
 # ---------------------------------------------------------------- report

@@ -36,7 +36,6 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -52,6 +51,7 @@ from curation.catalog import Status, Workspace
 from curation.config import DedupSettings, HashKind, Manifest
 from curation.images import open_rgb
 from curation.progress import progress_map, track
+from curation.store import PartsTable
 
 DUPLICATE = "duplicate"
 
@@ -395,18 +395,12 @@ def components(n: int, pairs: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- stage
 
 
-def _signature_dir(ws: Workspace) -> Path:
-    d = ws.stage_dir("dedup") / "signatures"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+def _signatures(ws: Workspace) -> PartsTable:
+    return PartsTable(ws.stage_dir("dedup") / "signatures", {"image_id": pl.Utf8, "sig": pl.Binary})
 
 
 def _write_signatures(ws: Workspace, ids: list[str], sigs: list[bytes]) -> None:
-    frame = pl.DataFrame({"image_id": ids, "sig": sigs}, schema={"image_id": pl.Utf8, "sig": pl.Binary})
-    d = _signature_dir(ws)
-    tmp = d / f".{uuid.uuid4().hex}.tmp"
-    frame.write_parquet(tmp)
-    os.replace(tmp, d / f"part-{uuid.uuid4().hex}.parquet")
+    _signatures(ws).append(pl.DataFrame({"image_id": ids, "sig": sigs}, schema={"image_id": pl.Utf8, "sig": pl.Binary}))
 
 
 def read_signatures(ws: Workspace) -> pl.DataFrame:
@@ -415,25 +409,15 @@ def read_signatures(ws: Workspace) -> pl.DataFrame:
     Kept out of the catalog (257 bytes an image) so other stages do not carry it; a signature
     depends only on the stored bytes, so duplicates in the cache are identical.
     """
-    files = sorted(_signature_dir(ws).glob("*.parquet"))
-    if not files:
-        return pl.DataFrame(schema={"image_id": pl.Utf8, "sig": pl.Binary})
-    sigs = pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+    sigs = _signatures(ws).read()
     return sigs.filter(pl.col("sig").bin.size() == _SIG).unique("image_id", keep="first", maintain_order=True)
 
 
 def _compact_signatures(ws: Workspace, sigs: pl.DataFrame) -> None:
     """One file instead of one per checkpoint (call under the catalog lock)."""
-    d = _signature_dir(ws)
-    files = sorted(d.glob("*.parquet"))
-    if len(files) <= 1:
-        return
-    tmp = d / f".{uuid.uuid4().hex}.tmp"
-    sigs.sort("image_id").write_parquet(tmp)
-    target = d / f"part-{uuid.uuid4().hex}.parquet"
-    os.replace(tmp, target)
-    for f in files:
-        f.unlink(missing_ok=True)
+    table = _signatures(ws)
+    if len(table.parts()) > 1:
+        table.compact(sigs.sort("image_id"))
 
 
 def _hash_rows(

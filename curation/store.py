@@ -1,11 +1,19 @@
-"""Bytes in, a content-addressed path out (store/ab/abcdef...ext): the same bytes are never written twice."""
+"""Bytes in, a content-addressed path out (store/ab/abcdef...ext): the same bytes are never written twice.
+
+Also the append-only parquet tables stages keep beside the catalog (sightings, caches)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import time
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -46,3 +54,50 @@ class ImageStore:
         if not path.exists():
             atomic_write_bytes(path, data)
         return image_id, path
+
+
+class PartsTable:
+    """An append-only table kept as parquet part files in one directory.
+
+    Appending writes a new part (temp file + rename), so concurrent writers never collide and a
+    crash never leaves a torn file; readers concatenate the parts. ``compact`` merges them into
+    one, writing the merged part before removing any old one.
+    """
+
+    def __init__(self, root: str | Path, schema: dict):
+        self.root = Path(root)
+        self.schema = schema
+
+    def parts(self) -> list[Path]:
+        return sorted(self.root.glob("part-*.parquet")) if self.root.exists() else []
+
+    def append(self, frame: "pl.DataFrame") -> Path | None:
+        if frame.is_empty():
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Time-ordered names: later parts win when a reader keeps the last of duplicate keys.
+        path = self.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.root / f".{path.name}.tmp"
+        try:
+            frame.write_parquet(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def read(self) -> "pl.DataFrame":
+        import polars as pl
+
+        parts = self.parts()
+        if not parts:
+            return pl.DataFrame(schema=self.schema)
+        return pl.concat([pl.read_parquet(p) for p in parts], how="vertical_relaxed")
+
+    def compact(self, frame: "pl.DataFrame | None" = None) -> None:
+        """Replace every part by one holding ``frame`` (default: everything read)."""
+        old = self.parts()
+        if len(old) <= 1 and frame is None:
+            return
+        self.append(self.read() if frame is None else frame)
+        for p in old:
+            p.unlink(missing_ok=True)
