@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402
-from PIL import Image, ImageEnhance  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from curation import dedup  # noqa: E402
 from curation.config import DedupSettings  # noqa: E402
@@ -113,17 +113,9 @@ def planted_set(d: Path, n_tex: int, n_clip: int, n_distinct: int) -> dict[str, 
     originals += clip[:n_clip]
     truth: dict[str, int] = {}
     for k, im in enumerate(originals):
-        w, h = im.size
-        dx, dy = int(w * 0.04), int(h * 0.04)
-        copies = {
-            "orig.jpg": support.encode(im, "JPEG", quality=92),
-            "resized.jpg": support.encode(im.resize((w // 2, h // 2), Image.BILINEAR), "JPEG", quality=90),
-            "lowq.jpg": support.encode(im, "JPEG", quality=15),
-            "cropped.jpg": support.encode(im.crop((dx, dy, w - dx, h - dy)), "JPEG", quality=90),
-            "bright.jpg": support.encode(ImageEnhance.Brightness(im).enhance(1.2), "JPEG", quality=90),
-            "grey.jpg": support.encode(im.convert("L"), "JPEG", quality=90),
-            "png.png": support.encode(im, "PNG"),
-        }
+        copies = {"orig.jpg": support.encode(im, "JPEG", quality=92)}
+        for kind, data in support.planted_copies(im, crop=0.04).items():
+            copies[f"{kind}.png" if kind == "png" else f"{kind}.jpg"] = data
         for name, data in copies.items():
             (d / f"o{k:04d}_{name}").write_bytes(data)
             truth[f"o{k:04d}_{name}"] = k

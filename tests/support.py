@@ -8,7 +8,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 
 def textured(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
@@ -33,6 +33,21 @@ def jpeg(seed: int, size=(160, 120), quality: int = 90) -> bytes:
 
 def png(seed: int, size=(160, 120)) -> bytes:
     return encode(textured(seed, size), "PNG")
+
+
+def planted_copies(im: Image.Image, *, crop: float = 0.02) -> dict[str, bytes]:
+    """Near duplicates of one image as a scraper could find them: resized, low quality, cropped
+    by ``crop`` per side, brightened, greyscale, and re-encoded as PNG."""
+    w, h = im.size
+    dx, dy = int(w * crop), int(h * crop)
+    return {
+        "resized": encode(im.resize((w // 2, h // 2), Image.BILINEAR), "JPEG", quality=90),
+        "lowq": encode(im, "JPEG", quality=15),
+        "cropped": encode(im.crop((dx, dy, w - dx, h - dy)), "JPEG", quality=90),
+        "bright": encode(ImageEnhance.Brightness(im).enhance(1.2), "JPEG", quality=90),
+        "grey": encode(im.convert("L"), "JPEG", quality=90),
+        "png": encode(im, "PNG"),
+    }
 
 
 def cmyk_jpeg(seed: int = 1) -> bytes:

@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 from curation import catalog, dedup, ingest
 from curation.config import parse_manifest
@@ -118,18 +118,9 @@ def test_low_texture_images_with_close_hashes_are_not_merged(tmp_path, workspace
 
 def variants(im: Image.Image) -> dict[str, bytes]:
     """Planted near duplicates of one image, each as the bytes a scraper could have found."""
-    w, h = im.size
     # 2% per side: a slight crop. Global perceptual hashes lose crops quickly (4% per side moves
     # line drawings 12-14 bits); the benchmark measures the harder 4% crop for both tools.
-    dx, dy = int(w * 0.02), int(h * 0.02)
-    return {
-        "resized": support.encode(im.resize((w // 2, h // 2), Image.BILINEAR), "JPEG", quality=90),
-        "lowq": support.encode(im, "JPEG", quality=15),
-        "cropped": support.encode(im.crop((dx, dy, w - dx, h - dy)), "JPEG", quality=90),
-        "bright": support.encode(ImageEnhance.Brightness(im).enhance(1.2), "JPEG", quality=90),
-        "grey": support.encode(im.convert("L"), "JPEG", quality=90),
-        "png": support.encode(im, "PNG"),
-    }
+    return support.planted_copies(im, crop=0.02)
 
 
 def committed_images() -> list[tuple[str, Image.Image]]:
