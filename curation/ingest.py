@@ -53,13 +53,14 @@ def build_row(
     settings: ImageSettings,
     provenance: dict,
     reject_reason: str | None = None,
+    raw_sha: str | None = None,
 ) -> dict:
     """Normalise raw bytes, store them if they are an image, and return the catalog row.
 
     Shared by every source: the row carries provenance, and a rejection is a status and a
     reason, never an exception.
     """
-    raw_sha = hashlib.sha256(raw).hexdigest()
+    raw_sha = raw_sha or hashlib.sha256(raw).hexdigest()
     result = normalise(raw, min_side=settings.min_side, max_pixels=settings.max_pixels)
     row = {
         "label": label,
@@ -125,12 +126,15 @@ def _ingest_source(
                 "retrieved_at": catalog.utcnow(),
             }
         url = p.resolve().as_uri()
-        if (url, hashlib.sha256(raw).hexdigest()) in known:
+        raw_sha = hashlib.sha256(raw).hexdigest()
+        if (url, raw_sha) in known:
             return None
         label, reason = _label_for(p.relative_to(root), folders)
         prov = {"source": "folder", "query": None, "source_url": url, "page_url": None,
                 "license": src.license, "author": src.author}
-        return build_row(ws, raw, label=label, settings=manifest.images, provenance=prov, reject_reason=reason)
+        return build_row(
+            ws, raw, label=label, settings=manifest.images, provenance=prov, reject_reason=reason, raw_sha=raw_sha
+        )
 
     rows = []
     for row in progress_map(work, files, description=f"ingest {root.name}", show=show):
