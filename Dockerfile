@@ -25,8 +25,8 @@ RUN mkdir -p curation models flows && touch curation/__init__.py models/__init__
 COPY . .
 RUN pip install --no-deps -e .
 
-RUN useradd --create-home --uid 1000 curator && mkdir -p /opt/jurassiclass/workspaces \
-    && chown curator /opt/jurassiclass /opt/jurassiclass/workspaces
+RUN useradd --create-home --uid 1000 curator && mkdir -p /opt/jurassiclass/workspaces /opt/jurassiclass/hf-cache \
+    && chown curator /opt/jurassiclass /opt/jurassiclass/workspaces /opt/jurassiclass/hf-cache
 USER curator
 
 CMD ["prefect", "worker", "start", "--pool", "jurassiclass-process", "--type", "process"]

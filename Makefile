@@ -51,13 +51,19 @@ up: venv
 down:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m flows.stack down; fi
 
+# build-dataset ends by publishing a dataset version; its event triggers train/demo (followed here).
 demo: venv demo-data up
+	@date +%s > .prefect/demo-start
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect deployment run 'build-dataset/demo' --watch
 	@$(BIN)/jurassiclass catalog --workdir workspaces/demo
-	@echo "Prefect UI (runs, artifacts): http://127.0.0.1:$(PREFECT_PORT)   stop the stack: make down"
+	@$(BIN)/python -m flows.stack wait train/demo $$(cat .prefect/demo-start)
+	@$(BIN)/jurassiclass models list -m manifests/demo.yaml
+	@echo "dataset: workspaces/demo/published/   models: workspaces/demo/models/"
+	@echo "Prefect UI (runs, artifacts, the retrain/demo schedule): http://127.0.0.1:$(PREFECT_PORT)   stop the stack: make down"
 
 demo-local: venv demo-data
 	$(BIN)/jurassiclass run --manifest manifests/demo.yaml
+	$(BIN)/jurassiclass train --manifest manifests/demo.yaml
 
 # The review App's browser test drives Debian's headless Chromium.
 sysdeps-test:

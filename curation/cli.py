@@ -241,6 +241,54 @@ def dedup(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, qu
     finish(ws, do_dedup(m, ws, quiet))
 
 
+def do_publish(m: Manifest, ws: Workspace, quiet: bool, *, out: Path | None = None, push: str | None = None,
+               revision: str | None = None, dry_run: bool = False, soft: bool = False) -> str:
+    """Publish (and push); ``soft``: nothing to publish yet is a summary line, not an error (for `run`)."""
+    from curation import publish as pub
+
+    try:
+        s = pub.run(m, ws, show_progress=not quiet) if soft else pub.publish(m, ws, out=out, dry_run=dry_run, show_progress=not quiet)
+        if s.skipped:
+            return s.line()
+        if not quiet:
+            report.console.print(report.frame_table(pl.DataFrame(s.per_class), "published images per class and split"))
+        for w in s.warnings:
+            typer.secho(f"warning: {w}", fg="yellow", err=True)
+        line = s.line()
+        if dry_run and s.changed:
+            line += "\nwould write: " + ", ".join(f"{f['path']} ({f['bytes']:,} B)" for f in s.files)
+        if push:
+            if dry_run and s.changed:
+                line += f"\nwould push v{s.version} to {push} ({sum(f['bytes'] for f in s.files):,} bytes)"
+            else:
+                r = pub.push(m, ws, repo_id=push, revision=revision, dry_run=dry_run)
+                if r.get("dry_run"):
+                    line += f"\nwould push {r['tag']} to {r['repo_id']}@{r['revision']}: {r['files']} files, {r['bytes']:,} bytes"
+                elif r.get("already"):
+                    line += f"\n{r['tag']} is already on {r['repo_id']}@{r['revision']} (commit {r.get('commit')})"
+                else:
+                    line += f"\npushed {r['tag']} to {r['repo_id']}@{r['revision']}: {r['files']} files, commit {r['commit']}"
+    except pub.PublishError as exc:
+        fail(str(exc))
+    return line
+
+
+@app.command()
+def publish(
+    manifest: Path = ManifestOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="write the version folder here (default: WORKDIR/published/v<N>/)"),
+    push: Optional[str] = typer.Option(None, "--push", help="also upload it to this Hub dataset repo (ORG/NAME); token from $HF_TOKEN"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch to push to (default: publish.revision, else main)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show what would be published and uploaded; write nothing"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Publish accepted images as a versioned Hugging Face dataset (parquet + card), optionally pushed to the Hub."""
+    m, ws = open_run(manifest, workdir)
+    typer.echo(do_publish(m, ws, quiet, out=out, push=push or None, revision=revision, dry_run=dry_run))
+    typer.echo(workspace_line(ws))
+
+
 @app.command()
 def run(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt) -> None:
     """Run every stage in order on the manifest."""
@@ -256,9 +304,154 @@ def run(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quie
     lines.append(do_score(m, ws, quiet))
     if m.review.push_in_run:
         lines.append(do_review_push(m, ws, quiet))
+    lines.append(do_publish(m, ws, quiet, soft=True))
     for line in lines:
         typer.echo(line)
     finish(ws, f"run of {m.name} complete")
+
+
+# ---------------------------------------------------------------- train / predict (models/)
+
+
+def do_train(m: Manifest, ws: Workspace, dataset: str | None, experiment: str | None,
+             models: list[str] | None = None) -> str:
+    from models import run as train_run
+    from models.data import DatasetUnavailable
+    from models.factory import WeightsUnavailable
+
+    try:
+        s = train_run.run(m, ws, dataset=dataset, experiment=experiment, models=models or None)
+    except (WeightsUnavailable, DatasetUnavailable, train_run.TrainSetupError) as exc:
+        fail(str(exc))
+    report.console.print(report.frame_table(train_run.table(s), f"train {s.experiment}: {s.folds} published folds"))
+    if s.label_issues:
+        typer.echo(f"{s.label_issues} label-issue candidates in the catalog (label_issue, oof_*): "
+                   "`jurassiclass review push` shows them in the `label-issues` view")
+    return s.line()
+
+
+@app.command()
+def train(
+    manifest: Path = ManifestOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    experiment: Optional[str] = typer.Option(None, help="output folder name under WORKDIR/models (default: v<N>-<time>)"),
+    dataset: Optional[str] = typer.Option(None, help="published folder or Hub ORG/NAME[@REV] (default: the latest WORKDIR/published/v<N>)"),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="train only these train.models names (repeatable)"),
+) -> None:
+    """Cross-validate and train the manifest's models on the published dataset; evaluate once on its test split."""
+    m, ws = open_run(manifest, workdir)
+    typer.echo(do_train(m, ws, dataset, experiment, model))
+
+
+@app.command()
+def predict(
+    model: Path = typer.Option(..., "--model", help="a model folder (model.json), its parent, or an experiment folder (best model)"),
+    images: list[Path] = typer.Argument(..., help="image files or folders"),
+    top_k: int = typer.Option(3, "--top-k", "-k", min=1),
+    backend: str = typer.Option("torch", help="torch (model.pt) or onnx (model.onnx via onnxruntime)"),
+) -> None:
+    """Top-k classes with probabilities for image files or folders."""
+    from models import export
+
+    if backend not in ("torch", "onnx"):
+        fail(f"--backend must be torch or onnx, not {backend!r}")
+    try:
+        results = export.predict(model, images, top_k=top_k, backend=backend)
+    except export.ModelNotFound as exc:
+        fail(str(exc))
+    if not results:
+        fail("no image files given")
+    for r in results:
+        if "error" in r:
+            typer.echo(f"{r['path']}\terror: {r['error']}")
+        else:
+            typer.echo(f"{r['path']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"]))
+
+
+# ---------------------------------------------------------------- the model registry
+
+models_app = typer.Typer(help="The workspace's model registry: trained models, the promoted one, the Hub.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _registry_ws(manifest: Path, workdir: Path | None) -> tuple[Manifest, Workspace]:
+    # Read-only views need the workspace, not a new resolved-manifest file.
+    try:
+        m = load_manifest(manifest)
+    except ManifestError as exc:
+        fail(str(exc))
+    root = workdir or m.workdir or Path("workspaces") / m.name
+    return m, Workspace(root)
+
+
+@models_app.command("list")
+def models_list(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt) -> None:
+    """Every trained model: dataset version, status, held-out metric, which one is promoted."""
+    from models import registry
+
+    m, ws = _registry_ws(manifest, workdir)
+    reg = registry.read(ws)
+    metric = m.retrain.metric.value
+    rows = [{"id": e["id"], "dataset": f"v{e['dataset_version']}", "status": e["status"],
+             f"test {metric}": (f"{(e.get('evaluation') or {})[metric]:.4f}" if (e.get("evaluation") or {}).get(metric) is not None
+                                else ""),
+             "promoted": "*" if reg["promoted"] == e["id"] else "", "created": e["created_at"], "error": e.get("error") or ""}
+            for e in reg["entries"]]
+    if not rows:
+        typer.echo(f"no models in {ws.root / 'models'} yet: `jurassiclass train` or the retrain flow makes them")
+        return
+    report.console.print(report.frame_table(pl.DataFrame(rows), f"models of {m.name}"))
+    last = reg["events"][-1] if reg["events"] else None
+    if last:
+        typer.echo(f"last decision: {last['entry']} {'promoted' if last['promoted'] else 'not promoted'}: {last['reason']}")
+
+
+@models_app.command("show")
+def models_show(entry: str = typer.Argument(..., help="model id, e.g. retrain-002"), manifest: Path = ManifestOpt,
+                workdir: Optional[Path] = WorkdirOpt) -> None:
+    """One model's registry entry: dataset, metrics, folders, decisions."""
+    import json as _json
+
+    from models import registry
+
+    _, ws = _registry_ws(manifest, workdir)
+    reg = registry.read(ws)
+    try:
+        e = registry.get(reg, entry)
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    typer.echo(_json.dumps({**e, "promoted": reg["promoted"] == e["id"],
+                            "decisions": [d for d in reg["events"] if d["entry"] == entry]}, indent=2, default=str))
+
+
+@models_app.command("promote")
+def models_promote(entry: str = typer.Argument(..., help="model id to promote"), manifest: Path = ManifestOpt,
+                   workdir: Optional[Path] = WorkdirOpt) -> None:
+    """Promote a trained model by hand (recorded as a person's decision)."""
+    from models import registry
+
+    _, ws = _registry_ws(manifest, workdir)
+    try:
+        registry.promote(ws, entry)
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    typer.echo(f"{entry} is now the promoted model")
+
+
+@models_app.command("push")
+def models_push(entry: Optional[str] = typer.Argument(None, help="model id (default: the promoted one)"),
+                manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt,
+                repo: Optional[str] = typer.Option(None, "--repo", help="Hub model repo ORG/NAME (default: retrain.model_repo_id)")) -> None:
+    """Upload a model with a model card naming its dataset version; token from $HF_TOKEN."""
+    from models import hub, registry
+
+    m, ws = _registry_ws(manifest, workdir)
+    try:
+        r = hub.push(m, ws, entry, repo_id=repo)
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    typer.echo(f"pushed {r['entry']} to {r['repo_id']} (tag {r['tag']}, commit {r['commit']})")
 
 
 def main() -> None:  # pragma: no cover - console entry point

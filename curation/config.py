@@ -380,24 +380,247 @@ class ReviewSettings(_Strict):
         return v
 
 
+class PublishInclude(str, Enum):
+    accepted = "accepted"  # human-accepted images only
+    candidates = "candidates"  # accepted plus unreviewed candidates (the `reviewed` column tells them apart)
+
+
+class SplitSizes(_Strict):
+    """Fractions of each class's images per split (groups of duplicates are never divided)."""
+
+    train: float = Field(0.8, gt=0, le=1)
+    validation: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_one(self) -> "SplitSizes":
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split sizes must add up to 1 (train + validation + test = {total:g})")
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return {"train": self.train, "validation": self.validation, "test": self.test}
+
+
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
 class PublishSettings(_Strict):
-    repo_id: str | None = None
-    private: bool = True
-    redistributable_only: bool = Field(True, description="leave out images whose licence forbids redistribution")
+    repo_id: str | None = Field(None, description="Hub dataset repo ORG/NAME that `publish --push` uses by default")
+    private: bool = Field(True, description="create the Hub repo private")
+    revision: str | None = Field(None, description="Hub branch to push to (default: main)")
+    include: PublishInclude = PublishInclude.accepted
+    licenses: list[str] = Field(
+        default_factory=lambda: ["cc0", "pd", "cc-by", "cc-by-sa"],
+        description="licence codes that may be published (see curation/licenses.py)",
+    )
+    non_commercial: bool = Field(
+        False, description="the dataset is published for non-commercial use only: NC licences become acceptable"
+    )
+    splits: SplitSizes = Field(default_factory=SplitSizes)
+    folds: int = Field(5, ge=2, le=50, description="k of the `fold` column (train + validation rows) for cross-validation")
+    seed: int = Field(0, description="seed of the split and fold assignment")
+    shard_size_mb: float = Field(500.0, gt=0, description="parquet shard size (image bytes) in MB")
+    pretty_name: str | None = None
+    citation: str | None = Field(None, description="BibTeX for the card; default: one generated from the manifest")
+    token_secret: str = Field("hf-token", description="Prefect Secret block holding the Hub token (flows; else $HF_TOKEN)")
+
+    @field_validator("licenses")
+    @classmethod
+    def _known_codes(cls, v: list[str]) -> list[str]:
+        from curation.licenses import CODES
+
+        unknown = [c for c in v if c not in CODES]
+        if unknown:
+            raise ValueError(f"unknown licence code(s) {unknown}; use {sorted(CODES)}")
+        return v
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_ok(cls, v: str | None) -> str | None:
+        if v is not None and not _REPO_RE.match(v):
+            raise ValueError(f"{v!r} is not a Hub repo id (ORG/NAME)")
+        return v
 
 
-class TrainingSettings(_Strict):
-    models: list[str] = Field(default_factory=lambda: ["efficientnetv2_s", "resnet34"])
-    folds: int = Field(5, ge=2)
-    image_size: int = Field(224, ge=16)
+# ---------------------------------------------------------------- training (models/)
+
+
+class TrainMode(str, Enum):
+    head = "head"  # classifier only; the backbone is frozen
+    finetune = "finetune"  # classifier + the last stage(s) of the backbone, each with its own lr/wd
+    full = "full"  # every parameter (backbone lr = lr / backbone_factor)
+
+
+class Balance(str, Enum):
+    none = "none"
+    class_weights = "class_weights"  # loss weights inversely proportional to class frequency
+    sampler = "sampler"  # a class-balanced sampler over the training rows
+
+
+class Scheduler(str, Enum):
+    plateau = "plateau"  # ReduceLROnPlateau on val/loss
+    cosine = "cosine"  # linear warm-up, then cosine to zero over max_epochs
+
+
+class Hyper(_Strict):
+    """The values a grid search may change; names are what `train.grid` refers to."""
+
+    lr: float = Field(5e-3, gt=0, description="classifier learning rate")
+    backbone_factor: float = Field(10.0, gt=0, description="backbone lr = lr / backbone_factor")
+    wd_head: float = Field(1e-3, ge=0, description="AdamW weight decay of the classifier (wd1)")
+    wd_backbone: float = Field(1e-2, ge=0, description="AdamW weight decay of the fine-tuned backbone (wd2)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+HYPER_NAMES = tuple(Hyper.model_fields)
+
+
+class ModelSpec(_Strict):
+    """One classifier to train: any timm architecture, a mode, its hyper-parameters."""
+
+    name: str = Field(description="experiment-unique name, e.g. resnet34-finetune")
+    arch: str = Field(description="timm model name, e.g. resnet34, tf_efficientnetv2_s, test_resnet")
+    mode: TrainMode = TrainMode.finetune
+    pretrained: bool = Field(True, description="start from pretrained weights (offline: needs `weights`)")
+    weights: Path | None = Field(None, description="local pretrained weights file, loaded through timm's pretrained path")
+    finetune_modules: list[str] | None = Field(
+        None, description="backbone module names trained in finetune mode; default: the last stage and what follows it"
+    )
+    last_stages: int = Field(1, ge=1, description="finetune mode without finetune_modules: how many last stages to train")
+    hyper: Hyper = Field(default_factory=Hyper)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid model name (letters, digits, '.', '_', '-')")
+        return v
+
+
+def _preset(name: str, arch: str, mode: TrainMode, hyper: dict) -> dict:
+    return {"name": name, "arch": arch, "mode": mode, "hyper": hyper}
+
+
+# The seed's four experiments (ARCHITECTURE.md): its groups, learning rates and decays.
+_RESNET = {"lr": 5e-3, "backbone_factor": 10.0, "wd_head": 1e-3, "wd_backbone": 1e-2}
+_EFFNET = {"lr": 5e-3, "backbone_factor": 10.0, "wd_head": 1e-4, "wd_backbone": 1e-4}
+PRESETS: dict[str, dict] = {
+    "resnet34-head": _preset("resnet34-head", "resnet34", TrainMode.head, _RESNET),
+    "resnet34-finetune": _preset("resnet34-finetune", "resnet34", TrainMode.finetune, _RESNET),
+    "efficientnetv2_s-head": _preset("efficientnetv2_s-head", "tf_efficientnetv2_s", TrainMode.head, _EFFNET),
+    "efficientnetv2_s-finetune": _preset("efficientnetv2_s-finetune", "tf_efficientnetv2_s", TrainMode.finetune, _EFFNET),
+}
+
+
+class Augment(_Strict):
+    hflip: float = Field(0.5, ge=0, le=1)
+    random_resized_crop: bool = True
+    scale: tuple[float, float] = Field((0.6, 1.0), description="RandomResizedCrop area range (letterbox: long-side range x 0.8)")
+    color_jitter: float = Field(0.0, ge=0)
+    rotation: float = Field(0.0, ge=0, le=180, description="max degrees")
+    auto_augment: str | None = Field(None, description="timm policy, e.g. rand-m9-mstd0.5 or trivialaugment")
+    random_erasing: float = Field(0.0, ge=0, le=1)
+
+
+class NestedSettings(_Strict):
+    enabled: bool = False
+    outer_folds: int | None = Field(None, ge=1, description="evaluate only this many outer folds (seed: 2)")
+    inner_folds: int | None = Field(None, ge=1, description="score each candidate on this many inner folds (seed: 2)")
+
+
+class TrainSettings(_Strict):
+    models: list[ModelSpec] = Field(
+        default_factory=lambda: [ModelSpec(**PRESETS["efficientnetv2_s-finetune"]), ModelSpec(**PRESETS["resnet34-finetune"])]
+    )
+    image_size: int | None = Field(224, ge=16, description="square input side; null: the model's own pretrained size")
+    letterbox: bool = Field(False, description="scale the long side to 0.8*size and pad black to a square, never crop")
     batch_size: int = Field(64, ge=1)
     max_epochs: int = Field(40, ge=1)
+    min_epochs: int = Field(1, ge=1)
+    patience: int = Field(8, ge=1, description="early stopping on val/loss")
+    scheduler: Scheduler = Scheduler.plateau
+    plateau_factor: float = Field(0.33, gt=0, lt=1)
+    plateau_patience: int = Field(4, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    balance: Balance = Balance.none
+    freeze_bn_stats: bool = Field(True, description="keep the backbone's BatchNorm statistics frozen (eval mode)")
+    augment: Augment = Field(default_factory=Augment)
+    cv: bool = Field(True, description="k-fold CV over the published folds before the final fit")
+    cv_folds: int | None = Field(None, ge=1, description="run only the first N outer folds (quick looks)")
+    nested: NestedSettings = Field(default_factory=NestedSettings)
+    grid: list[dict[str, list[float]]] = Field(
+        default_factory=lambda: [{"lr": [0.003, 0.005], "backbone_factor": [5, 10]},
+                                 {"wd_head": [1e-4, 1e-3], "wd_backbone": [1e-4, 1e-2]}],
+        description="nested CV search: stages searched in order, each a grid over Hyper fields, the best kept",
+    )
+    label_issues: bool = Field(True, description="out-of-fold confident learning -> catalog label_issue columns")
+    export_onnx: bool = True
     seed: int = 0
+    accelerator: str = Field("auto", description="auto | cpu | gpu")
+    devices: int | str = Field(1, description="devices per fold (Lightning), e.g. 1, 4 or 'auto'")
+    strategy: str = Field("auto", description="Lightning strategy, e.g. ddp for several GPUs per fold")
+    precision: str = Field("auto", description="auto: bf16-mixed (else 16-mixed) on CUDA, 32-true on CPU")
+    workers: int | None = Field(None, ge=0, description="DataLoader processes; default: by device and cores")
+    limit_batches: float | int | None = Field(None, description="Lightning limit_*_batches (smoke runs)")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _presets(cls, v: object) -> object:
+        # A bare string names a preset: `models: [resnet34-finetune]`.
+        if isinstance(v, list):
+            out = []
+            for item in v:
+                if isinstance(item, str):
+                    if item not in PRESETS:
+                        raise ValueError(f"unknown model preset {item!r}; use one of {sorted(PRESETS)} or a mapping")
+                    item = PRESETS[item]
+                out.append(item)
+            return out
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSettings":
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique: {', '.join(dup)}")
+        for stage in self.grid:
+            bad = sorted(set(stage) - set(HYPER_NAMES))
+            if bad:
+                raise ValueError(f"grid names unknown hyper-parameters {bad}; use {list(HYPER_NAMES)}")
+            if not stage or any(not vals for vals in stage.values()):
+                raise ValueError("every grid stage needs at least one value per name")
+        return self
 
 
 # ---------------------------------------------------------------- manifest
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class PromotionMetric(str, Enum):
+    top1 = "top1"
+    macro_f1 = "macro_f1"
+
+
+class RetrainSettings(_Strict):
+    """Scheduled / triggered retraining: which run a new dataset version gets, and what promotes it."""
+
+    kind: str = Field("retrain", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="registry name of the runs (each dataset version is trained once per kind)")
+    metric: PromotionMetric = Field(PromotionMetric.top1, description="held-out test metric that decides promotion")
+    tolerance: float = Field(0.01, ge=0, le=1, description="promote unless worse than the current model by more than this")
+    collect_review: bool = Field(True, description="the retrain flow pulls review decisions before publishing")
+    model_repo_id: str | None = Field(None, description="Hub model repo ORG/NAME the promoted model is pushed to, if any")
+
+    @field_validator("model_repo_id")
+    @classmethod
+    def _repo_ok(cls, v: str | None) -> str | None:
+        if v is not None and not _REPO_RE.match(v):
+            raise ValueError(f"{v!r} is not a Hub repo id (ORG/NAME)")
+        return v
 
 
 class Manifest(_Strict):
@@ -412,7 +635,8 @@ class Manifest(_Strict):
     clip: ClipSettings = Field(default_factory=ClipSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
 
     @field_validator("name")
     @classmethod
@@ -479,6 +703,9 @@ def parse_manifest(data: object, *, origin: str = "<manifest>", base_dir: Path |
             m.workdir = (base_dir / m.workdir).resolve()
         if m.clip.model_config_path is not None and not m.clip.model_config_path.is_absolute():
             m.clip.model_config_path = (base_dir / m.clip.model_config_path).resolve()
+        for spec in m.train.models:
+            if spec.weights is not None and not spec.weights.is_absolute():
+                spec.weights = (base_dir / spec.weights).resolve()
         # `pretrained` is a tag or a file: only a relative path naming a real file is rebased.
         if m.clip.pretrained and not Path(m.clip.pretrained).is_absolute() and (base_dir / m.clip.pretrained).is_file():
             m.clip.pretrained = str((base_dir / m.clip.pretrained).resolve())

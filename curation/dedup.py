@@ -4,7 +4,7 @@ Nothing is deleted. Every stored image is hashed once (JPEGs decoded in draft mo
 the hash and its kind are cached in the catalog, a guard signature in the stage), near pairs are found
 with an exact multi-index Hamming search (numpy, no O(n^2)), each pair is confirmed by the guard,
 and each connected group keeps one representative (a human-accepted image, else an image not
-rejected for another reason; then highest resolution, redistributable licence, earliest
+rejected for another reason; then highest resolution, the freest licence, earliest
 retrieval); the candidates among the others become ``rejected/duplicate`` with ``dup_of``. A group
 whose images carry more than one label (catalog label or any sighting, so the same bytes found
 under two labels count too) is a label conflict: flagged for review, not resolved; each of its
@@ -464,17 +464,17 @@ def _labels_per_image(df: pl.DataFrame, ws: Workspace) -> pl.DataFrame:
 
 def _rank_frame(members: pl.DataFrame) -> pl.DataFrame:
     """Sort key for choosing representatives: accepted (human-reviewed) first, then images not
-    rejected for another reason, then resolution, redistributable licence, earliest retrieval."""
-    from curation.licenses import normalise_license, redistributable
+    rejected for another reason, then resolution, the freest licence (licenses.openness), earliest retrieval."""
+    from curation.licenses import normalise_license, openness
 
-    lic_ok = [redistributable(normalise_license(x)) for x in members["license"].to_list()]
+    lic_ok = [openness(normalise_license(x)) for x in members["license"].to_list()]
     status = pl.col("status")
     usable = (status == Status.candidate.value) | ((status == Status.rejected.value) & (pl.col("reason") == DUPLICATE))
     return members.with_columns(
         (status == Status.accepted.value).alias("_accepted"),
         usable.fill_null(False).alias("_usable"),
         (pl.col("width").cast(pl.Int64).fill_null(0) * pl.col("height").cast(pl.Int64).fill_null(0)).alias("_pixels"),
-        pl.Series("_lic", lic_ok, dtype=pl.Boolean),
+        pl.Series("_lic", lic_ok, dtype=pl.Int16),
     ).sort(
         ["_comp", "_accepted", "_usable", "_pixels", "_lic", "retrieved_at", "image_id"],
         descending=[False, True, True, True, True, False, False],

@@ -75,6 +75,10 @@ UPSTREAM_COLUMNS: dict[str, pl.DataType] = {
     "clip_top_prob": pl.Float64,
     "clip_model": pl.Utf8,
     "clip_decision": pl.Utf8,
+    # written by the training stage (models/label_issues.py): out-of-fold confident learning
+    "label_issue": pl.Boolean,
+    "oof_top_label": pl.Utf8,
+    "oof_self_confidence": pl.Float64,
 }
 
 # Catalog column -> FiftyOne field, refreshed on every push (never tags, never ground_truth).
@@ -99,6 +103,9 @@ _COPIED = {
     "clip_top_prob": "clip_top_prob",
     "clip_model": "clip_model",
     "clip_decision": "clip_decision",
+    "label_issue": "label_issue",
+    "oof_top_label": "oof_top_label",
+    "oof_self_confidence": "oof_self_confidence",
     "review_decision": "review_decision",
     "reviewer_label": "reviewer_label",
 }
@@ -112,6 +119,7 @@ VIEWS = {
     "dup-label-conflicts": "duplicate groups whose members carry different labels, grouped",
     "borderline": "score within the borderline band of the threshold, closest first",
     "rescue-rejected": "rejected by the pipeline and not reviewed, best score first",
+    "label-issues": "trained model's out-of-fold check doubts the label, most suspicious (lowest self-confidence) first",
 }
 
 
@@ -480,6 +488,7 @@ def _save_views(ds: "fo.Dataset", manifest: Manifest) -> list[str]:
         "dup-label-conflicts": ds.match(F("label_conflict") == True).sort_by([("dup_group", 1), ("pipeline_label", 1)]),  # noqa: E712
         "borderline": ds.match(F("score_gap").abs() <= band).sort_by(F("score_gap").abs()),
         "rescue-rejected": ds.match((F("status") == Status.rejected.value) & todo).sort_by(score, reverse=True),
+        "label-issues": ds.match(F("label_issue") == True).sort_by("oof_self_confidence"),  # noqa: E712
     }
     for name, view in views.items():
         if ds.has_saved_view(name):

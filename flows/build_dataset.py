@@ -1,4 +1,4 @@
-"""build-dataset: manifest in; ingest -> scrape -> dedup -> score -> review push on its workspace; artifacts out."""
+"""build-dataset: manifest in; ingest -> scrape -> dedup -> score -> review push -> publish on its workspace; artifacts out."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 
 from flows import artifacts
 from flows.common import open_run
+from flows.locks import workspace_slot
 from flows.stages import BUILD, call_stage
 
 
@@ -35,19 +36,20 @@ def build_dataset(
     bar = artifacts.StepProgress("build-dataset", steps)
     summaries: dict[str, dict] = {}
     title = "build-dataset"
-    try:
-        for i, name in enumerate(steps, 1):
-            title = f"build-dataset (failed in {name})"
-            try:
-                summaries[name] = call_stage(name, manifest, workdir, overrides, dask_address)
-            except Exception as exc:
-                # One line with the stage's own message, shown by `prefect deployment run --watch`.
-                log.error("stage %s failed: %s: %s", name, type(exc).__name__, exc)
-                raise
-            bar.done(i, name)
-        title = "build-dataset"
-    finally:
-        # Published on failure too: the catalog shows what the finished stages produced.
-        artifacts.catalog_report(m, ws, summaries, title=title)
+    with workspace_slot(m.name):
+        try:
+            for i, name in enumerate(steps, 1):
+                title = f"build-dataset (failed in {name})"
+                try:
+                    summaries[name] = call_stage(name, manifest, workdir, overrides, dask_address)
+                except Exception as exc:
+                    # One line with the stage's own message, shown by `prefect deployment run --watch`.
+                    log.error("stage %s failed: %s: %s", name, type(exc).__name__, exc)
+                    raise
+                bar.done(i, name)
+            title = "build-dataset"
+        finally:
+            # Published on failure too: the catalog shows what the finished stages produced.
+            artifacts.catalog_report(m, ws, summaries, title=title)
     log.info("outputs in %s", ws.root)
     return {"workspace": str(ws.root), "stages": summaries}

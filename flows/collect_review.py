@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 
 from flows import artifacts
 from flows.common import open_run
+from flows.locks import workspace_slot
 from flows.stages import COLLECT, call_stage
 
 
@@ -14,11 +15,12 @@ def collect_review(manifest: str = "manifests/demo.yaml", workdir: str | None = 
     """Pull review decisions into the catalog, then publish the review status as artifacts."""
     m, ws = open_run(manifest, workdir, overrides)
     summaries: dict[str, dict] = {}
-    try:
-        for st in COLLECT:
-            if st.applies(m):
-                summaries[st.name] = call_stage(st.name, manifest, workdir, overrides)
-    finally:
-        artifacts.catalog_report(m, ws, summaries, title="collect-review")
+    with workspace_slot(m.name):
+        try:
+            for st in COLLECT:
+                if st.applies(m):
+                    summaries[st.name] = call_stage(st.name, manifest, workdir, overrides)
+        finally:
+            artifacts.catalog_report(m, ws, summaries, title="collect-review")
     get_run_logger().info("outputs in %s", ws.root)
     return {"workspace": str(ws.root), "stages": summaries}

@@ -2,7 +2,8 @@
 
 `python -m flows.stack up` is idempotent: a healthy server or a live worker found through its pid
 file is kept, the work pool is created only when missing, and `prefect deploy --all` re-registers
-the deployments of `prefect.yaml` (an update when they exist). `python -m flows.stack down` stops
+the deployments of `prefect.yaml` (an update when they exist); schedules a user paused or resumed
+keep that state (matched by their `slug`). `python -m flows.stack down` stops
 what `up` started, by the pids it recorded. State lives in PREFECT_HOME (default `<repo>/.prefect`):
 the SQLite database, `server.log`, `worker.log` and the pid files.
 
@@ -56,6 +57,7 @@ class Stack:
     # Seconds between the worker's polls; 1 makes `deployment run --watch` start at once.
     worker_query_seconds: float = 2.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    restored: list[str] = field(default_factory=list)  # schedule states `up` put back after deploying
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).resolve()
@@ -166,11 +168,47 @@ class Stack:
             args += ["--prefect-file", str(self.prefect_file)]
         return self._prefect(*args).stdout
 
+    def schedule_states(self) -> dict[tuple[str, str], bool]:
+        """(flow/deployment, schedule slug) -> active, for every deployment schedule on the server."""
+        from prefect.client.orchestration import SyncPrefectClient
+
+        states: dict[tuple[str, str], bool] = {}
+        with SyncPrefectClient(api=self.api_url) as client:
+            flows = {}
+            for dep in client.read_deployments():
+                if dep.flow_id not in flows:
+                    flows[dep.flow_id] = client.read_flow(dep.flow_id).name
+                for sch in dep.schedules:
+                    if sch.slug:
+                        states[(f"{flows[dep.flow_id]}/{dep.name}", sch.slug)] = sch.active
+        return states
+
+    def restore_schedules(self, before: dict[tuple[str, str], bool]) -> list[str]:
+        """Put back the active/paused state users gave schedules (`prefect deploy` resets it to
+        the YAML's); returns what was restored."""
+        from prefect.client.orchestration import SyncPrefectClient
+
+        restored = []
+        with SyncPrefectClient(api=self.api_url) as client:
+            for (name, slug), active in before.items():
+                try:
+                    dep = client.read_deployment_by_name(name)
+                except Exception:  # the deployment left prefect.yaml: nothing to restore
+                    continue
+                for sch in dep.schedules:
+                    if sch.slug == slug and sch.active != active:
+                        client.update_deployment_schedule(dep.id, sch.id, active=active)
+                        restored.append(f"{name} [{slug}] {'active' if active else 'paused'}")
+        return restored
+
     def up(self) -> None:
         self.start_server()
         self.ensure_pool()
         self.start_worker()
+        # A schedule the user resumed or paused stays so: `prefect deploy` would reset it to the YAML's state.
+        before = self.schedule_states()
         self.deploy()
+        self.restored = self.restore_schedules(before)
         if self.pid("worker") is None:
             raise RuntimeError(f"Prefect worker exited; see {self.home / 'worker.log'}:\n{self._tail('worker')}")
 
@@ -202,6 +240,44 @@ class Stack:
         self.stop("server")
 
 
+def wait_for_triggered(stack: Stack, deployment: str, since: float, *, appear_s: float = 45, timeout: float = 3600) -> int:
+    """Follow the run of ``deployment`` that a trigger started after ``since`` (epoch seconds):
+    print its progress and end state; 0 when it completed or none was started."""
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterStartTime
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    start = datetime.fromtimestamp(since, timezone.utc)
+    deadline = time.monotonic() + appear_s
+    with SyncPrefectClient(api=stack.api_url) as client:
+        dep = client.read_deployment_by_name(deployment)
+        run, last = None, None
+        while run is None:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                         sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=5)
+            run = next((r for r in runs if r.created and r.created >= start), None)
+            if run is None:
+                if time.monotonic() > deadline:
+                    print(f"{deployment}: no run was triggered (the dataset did not change)")
+                    return 0
+                time.sleep(2)
+        print(f"{deployment}: run {run.name!r} started by the dataset's published event; following it (Ctrl-C stops "
+              f"following, not the run)")
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            run = client.read_flow_run(run.id)
+            if run.state_name != last:
+                last = run.state_name
+                print(f"{deployment} {run.name}: {last}", flush=True)
+            if run.state and run.state.is_final():
+                return 0 if run.state.is_completed() else 1
+            time.sleep(3)
+    print(f"{deployment}: still running after {timeout:.0f} s; see the UI")
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv else "status"
@@ -210,17 +286,21 @@ def main(argv: list[str] | None = None) -> int:
         stack.up()
         print(f"Prefect UI and API: http://127.0.0.1:{stack.port} (home {stack.home})")
         print(f"worker on pool {stack.pool!r} (log {stack.home / 'worker.log'}); deployments registered:")
+        for line in stack.restored:
+            print(f"kept your schedule state: {line}")
         print(stack._prefect("deployment", "ls").stdout)
         return 0
     if cmd == "down":
         stack.down()
         print("local Prefect stack stopped")
         return 0
+    if cmd == "wait" and len(argv) >= 3:
+        return wait_for_triggered(stack, argv[1], float(argv[2]))
     if cmd == "status":
         print(f"server: {'healthy' if stack.healthy() else 'down'} at {stack.api_url}")
         print(f"worker: {'running, pid %d' % stack.pid('worker') if stack.pid('worker') else 'not running'}")
         return 0
-    print("usage: python -m flows.stack up|down|status", file=sys.stderr)
+    print("usage: python -m flows.stack up|down|status|wait DEPLOYMENT SINCE_EPOCH", file=sys.stderr)
     return 2
 
 

@@ -1,7 +1,7 @@
 """One Prefect flow per curation stage, each a thin wrapper over a plain function in `curation/`.
 
 The stage list and its order live in `BUILD` (build-dataset) and `COLLECT` (collect-review); a new
-stage (publish, train) is one `Stage(...)` entry plus, if it should be deployable alone, a flow.
+stage is one `Stage(...)` entry plus, if it should be deployable alone, a flow.
 
 Re-runs skip completed work because every stage is idempotent and resumable by design (ingest and
 scrape skip known files/URLs, dedup hashes only new images, scoring caches embeddings, the catalog
@@ -64,9 +64,12 @@ SCORE = Stage("score", _call("clip_score", "run", show_progress=False))
 REVIEW_PUSH = Stage("review-push", _call("review", "push", show_progress=False), network=True)
 REVIEW_PULL = Stage("review-pull", _call("review", "pull"), network=True)
 REVIEW_STATUS = Stage("review-status", _call("review", "status"), network=True)
+# Nothing to publish yet (nobody reviewed) is a skipped summary, not a failure: build-dataset runs
+# before review as well as after it.
+PUBLISH = Stage("publish", _call("publish", "run", show_progress=False))
 
-# build-dataset, in pipeline order. Stages whose modules are not in curation/ yet are not listed.
-BUILD: list[Stage] = [INGEST, SCRAPE, DEDUP, SCORE, REVIEW_PUSH]
+# build-dataset, in pipeline order.
+BUILD: list[Stage] = [INGEST, SCRAPE, DEDUP, SCORE, REVIEW_PUSH, PUBLISH]
 
 # collect-review: bring reviewers' decisions back into the catalog, then report progress.
 COLLECT: list[Stage] = [REVIEW_PULL, REVIEW_STATUS]
@@ -101,7 +104,7 @@ def stage_task(stage: str, manifest: str, workdir: str | None = None, overrides:
 
 
 # Errors that say the setup is wrong (a missing file or key, a bad manifest): retrying cannot help.
-_PERMANENT = ("ManifestError", "SourceError", "ReviewError", "ClipSetupError", "WeightsUnavailable",
+_PERMANENT = ("ManifestError", "SourceError", "ReviewError", "ClipSetupError", "WeightsUnavailable", "PublishError",
               "FileNotFoundError", "ValueError", "KeyError", "TypeError")
 
 
@@ -202,9 +205,32 @@ def review_status_flow(manifest: str, workdir: str | None = None, overrides: dic
     return run_stage("review-status", manifest, workdir, overrides)
 
 
+@flow(name="publish", log_prints=True)
+def publish_flow(manifest: str, workdir: str | None = None, overrides: dict | None = None, push: bool = False,
+                 repo_id: str | None = None, revision: str | None = None) -> dict:
+    """Publish the catalog as the next dataset version (nothing if unchanged); emit
+    `jurassiclass.dataset.published` for a new version; with `push`, upload it to the Hub
+    (`repo_id`, else the manifest's publish.repo_id; token from the Prefect Secret block
+    publish.token_secret, else $HF_TOKEN)."""
+    from flows import hub
+    from flows.locks import workspace_slot
+
+    m, ws = open_run(manifest, workdir, overrides)
+    with workspace_slot(m.name):
+        summary = run_stage("publish", manifest, workdir, overrides)
+        if summary.get("changed"):
+            hub.emit_published(m, summary)
+        if push and not summary.get("skipped"):
+            summary["pushed"] = hub.push_task(manifest, workdir, overrides, repo_id, revision)
+            get_run_logger().info("pushed %s to %s@%s", summary["pushed"]["tag"], summary["pushed"]["repo_id"],
+                                  summary["pushed"]["revision"])
+    return summary
+
+
 FLOWS: dict[str, Callable] = {
     "ingest": ingest_flow, "scrape": scrape_flow, "dedup": dedup_flow, "score": score_flow,
     "review-push": review_push_flow, "review-pull": review_pull_flow, "review-status": review_status_flow,
+    "publish": publish_flow,
 }
 
 

@@ -28,6 +28,11 @@ from flows import common, stages
 from flows.stack import REPO_ROOT, Stack, free_port
 from tests import support
 
+# A training run small enough for CPU tests: timm's tiny test_resnet, 32 px, 2 epochs, no CV.
+LOOP_TRAIN = {"models": [{"name": "tiny", "arch": "test_resnet", "mode": "full", "pretrained": False,
+                          "hyper": {"lr": 0.01, "backbone_factor": 1}}],
+              "image_size": 32, "batch_size": 8, "max_epochs": 2, "workers": 0, "cv": False, "label_issues": False,
+              "export_onnx": False, "freeze_bn_stats": False}
 N_URLS = 12
 GATE_AT = 6  # image requests from this index on wait for the test to open the gate
 CLASSES = ("cat", "dog")
@@ -120,23 +125,42 @@ def env(tmp_path_factory):
                 "allow_private_networks": True},
         workdir=str(tmp / "ws"),
     )
-    # The repository's prefect.yaml, plus one deployment of the same flow on the test manifest.
+    # The retraining loop's own dataset: published without review, a tiny CPU model.
+    loop = write_manifest(
+        tmp / "loop.yaml", "loop", [{"type": "folder", "path": str(folder_tree(tmp / "loop-tree", 700, n=10)), "license": "cc0"}],
+        workdir=str(tmp / "ws-loop"),
+        publish={"include": "candidates", "folds": 3, "splits": {"train": 0.6, "validation": 0.2, "test": 0.2}},
+        train=LOOP_TRAIN,
+    )
+    # The repository's prefect.yaml, plus deployments of the same flows on the test manifests.
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-    demo = next(d for d in spec["deployments"] if d["entrypoint"].endswith(":build_dataset") and d["name"] == "demo")
-    spec["deployments"].append({**demo, "name": "e2e", "schedules": [], "parameters": {"manifest": str(manifest)}})
+
+    def like(entrypoint: str, name: str, manifest_path: Path, **extra) -> dict:
+        base = next(d for d in spec["deployments"] if d["entrypoint"].endswith(entrypoint) and d["name"] == "demo")
+        return {**base, "name": name, "schedules": [], "triggers": [], "parameters": {"manifest": str(manifest_path)}, **extra}
+
+    spec["deployments"].append(like(":build_dataset", "e2e", manifest))
+    spec["deployments"].append(like(":publish_flow", "loop", loop))
+    trigger = json.loads(json.dumps(next(d for d in spec["deployments"] if d["entrypoint"].endswith(":train_flow"))["triggers"]))
+    trigger[0]["match"]["prefect.resource.id"] = "jurassiclass.dataset.loop"
+    trigger[0]["parameters"]["manifest"] = str(loop)
+    spec["deployments"].append(like(":train_flow", "loop", loop, triggers=trigger))
     pfile = tmp / "prefect.yaml"
     pfile.write_text(yaml.safe_dump(spec, sort_keys=False))
 
     (tmp / "mongo").mkdir()
     mongod, uri = _mongod(tmp / "mongo")
     stack = Stack(home=tmp / "prefect-home", port=free_port(), pool="jurassiclass-test", prefect_file=pfile,
-                  worker_query_seconds=1, extra_env={"FIFTYONE_DATABASE_URI": uri, "HF_HUB_OFFLINE": "1"})
+                  worker_query_seconds=1, extra_env={"FIFTYONE_DATABASE_URI": uri, "HF_HUB_OFFLINE": "1",
+                                                     # the scheduler lays out runs of active schedules at once
+                                                     "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"})
     # The pool name is the repository's; the test pool keeps a developer's own stack untouched.
     spec_text = pfile.read_text().replace("jurassiclass-process", "jurassiclass-test")
     pfile.write_text(spec_text)
     try:
         stack.up()
-        yield {"stack": stack, "tmp": tmp, "manifest": manifest, "images": images, "ws": Workspace(tmp / "ws")}
+        yield {"stack": stack, "tmp": tmp, "manifest": manifest, "images": images, "ws": Workspace(tmp / "ws"),
+               "loop": loop, "loop_ws": Workspace(tmp / "ws-loop")}
     finally:
         stack.down()
         images.close()
@@ -224,6 +248,13 @@ def test_docker_compose_is_a_localhost_team_stack():
     server_env = services["prefect-server"]["environment"]
     assert "postgresql+asyncpg://" in server_env["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert "postgres" in services["prefect-server"]["depends_on"]
+    gpu = services["gpu-worker"]  # training runs on the GPU worker's queue, the NVIDIA runtime declared
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "--work-queue" in gpu["command"] and gpu["command"][gpu["command"].index("--work-queue") + 1] == "gpu"
+    assert any(str(v).startswith("workspaces:") for v in gpu["volumes"]) and "hf-cache" in spec["volumes"]
+    pfile = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    assert {d["work_pool"]["work_queue_name"] for d in pfile["deployments"] if d["entrypoint"].startswith(("flows/train.py",
+                                                                                                         "flows/retrain.py"))} == {"gpu"}
     worker = services["prefect-worker"]
     assert worker["build"]["context"] == "." and (REPO_ROOT / worker["build"].get("dockerfile", "Dockerfile")).is_file()
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
@@ -242,7 +273,8 @@ def test_up_is_idempotent_and_deploys_prefect_yaml(env):
     stack.up()  # again: nothing new is started, deployments are updated in place
     assert (stack.pid("server"), stack.pid("worker")) == pids and all(pids)
     out = prefect_cli(stack, "deployment", "ls").stdout
-    for name in ("build-dataset/demo", "build-dataset/dinosaurs", "collect-review/demo", "collect-review/dinosaurs"):
+    for name in ("build-dataset/demo", "build-dataset/dinosaurs", "collect-review/demo", "collect-review/dinosaurs",
+                 "publish/demo", "publish/dinosaurs", "train/demo", "train/dinosaurs", "retrain/demo", "retrain/dinosaurs"):
         assert name in out
     with client(stack) as c:
         dep = c.read_deployment_by_name("build-dataset/dinosaurs")
@@ -305,14 +337,16 @@ def test_build_dataset_killed_then_resumed_without_redoing_work(env):
         ids = [runs[0].id, *[s.id for s in subs]]
         arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
         sub_flows = {c.read_flow(s.flow_id).name for s in subs}
-    assert sub_flows == {"ingest", "scrape", "dedup", "score", "review-push"}
+    # publish runs too, and says why it skipped: nothing is reviewed (the manifest publishes accepted images)
+    assert sub_flows == {"ingest", "scrape", "dedup", "score", "review-push", "publish"}
     keys = {a.key for a in arts if a.key}
     assert {"e2e-build-dataset-summary", "e2e-per-class", "e2e-per-source", "e2e-per-reason", "e2e-workspace",
             "e2e-ingest-summary", "e2e-scrape-sources"} <= keys, keys
     md = next(a for a in arts if a.key == "e2e-build-dataset-summary").data
     assert "Images per class and status" in md and "| cat |" in md and str(ws.root) in md
     progress = {a.description: a.data for a in arts if a.type == "progress"}
-    assert progress["build-dataset: 5/5 stages, last finished: review-push"] == 100
+    assert progress["build-dataset: 6/6 stages, last finished: publish"] == 100
+    assert not (ws.root / "published").exists() or not list((ws.root / "published").glob("v*"))
     # the stages' own loops (ingest's file map) report through curation.progress listeners
     assert any(d.startswith("ingest: ingest tree") and v == 100 for d, v in progress.items()), progress
     # link artifacts are stored as markdown links
@@ -369,3 +403,130 @@ def test_mapped_ingest_on_a_local_dask_cluster(env):
     with client(stack) as c:
         names = {t.name for t in c.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="ingest[")))}
     assert {"ingest[source 0]", "ingest[source 1]"} <= names
+
+
+# ---------------------------------------------------------------- the retraining loop
+
+
+def _registry(ws: Workspace) -> dict:
+    from models import registry
+
+    return registry.read(ws)
+
+
+@pytest.mark.slow
+def test_a_new_dataset_version_triggers_one_training_and_unchanged_data_none(env):
+    from curation import ingest
+
+    stack, ws = env["stack"], env["loop_ws"]
+    ingest.run(load_manifest(env["loop"]), ws.ensure(), show_progress=False)  # the curated catalog to publish
+    out = prefect_cli(stack, "deployment", "run", "publish/loop", "--watch", "--watch-timeout", "200", timeout=230)
+    assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:]
+    from curation import publish
+
+    assert [e["version"] for e in publish.history(ws)] == [1]
+    # The published event starts train/loop through the deployment's trigger, once.
+    run = wait_for(lambda: (r := flow_runs(stack, "train/loop")) and r[0].state.is_final() and r[0], 300,
+                   "the triggered training to finish")
+    assert run.state.is_completed(), run.state
+    assert run.parameters["dataset"] == str(ws.root / "published" / "v1")
+    reg = _registry(ws)
+    (entry,) = reg["entries"]
+    assert entry["status"] == "trained" and entry["dataset_version"] == 1 and reg["promoted"] == entry["id"]
+    assert Path(entry["model_dir"], "model.pt").is_file()
+    # Publishing unchanged data emits nothing: no second training.
+    again = prefect_cli(stack, "deployment", "run", "publish/loop", "--watch", "--watch-timeout", "200", timeout=230)
+    assert again.returncode == 0 and "Completed" in again.stdout
+    time.sleep(8)  # what a trigger would need to fire
+    assert len(flow_runs(stack, "train/loop")) == 1
+    with client(stack) as c:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        (cmp,) = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["loop-model-comparison"])))
+    assert f"{entry['id']}: promoted" in cmp.data and "no model promoted yet" in cmp.data
+
+
+@pytest.mark.slow
+def test_a_failed_training_shows_its_error_and_leaves_the_promoted_model(env):
+    stack, ws = env["stack"], env["loop_ws"]
+    before = _registry(ws)
+    if not before["promoted"]:
+        pytest.fail("runs after the trigger test, which promotes a first model")
+    bad = {"train": {"models": [{"name": "broken", "arch": "no_such_timm_model", "pretrained": False}]}}
+    out = prefect_cli(stack, "deployment", "run", "train/loop", "--params", json.dumps({"overrides": bad, "force": True}),
+                      "--watch", "--watch-timeout", "200", timeout=230)
+    text = re.sub(r"\s+", "", out.stdout + out.stderr)
+    assert out.returncode != 0 and "Failed" in out.stdout
+    assert "trainingfailed:" in text and "no_such_timm_model" in text
+    after = _registry(ws)
+    assert after["promoted"] == before["promoted"]
+    assert after["entries"][-1]["status"] == "failed" and "no_such_timm_model" in after["entries"][-1]["error"]
+
+
+@pytest.mark.slow
+def test_a_killed_training_leaves_the_registry_consistent_and_runs_are_serialised(env):
+    stack, ws = env["stack"], env["loop_ws"]
+    before = _registry(ws)
+    slow = {"train": {**LOOP_TRAIN, "max_epochs": 200, "patience": 200}}
+    started = prefect_cli(stack, "deployment", "run", "train/loop", "--params", json.dumps({"overrides": slow, "force": True}))
+    assert started.returncode == 0, started.stdout
+    wait_for(lambda: len(_registry(ws)["entries"]) > len(before["entries"]), 120, "the training to claim its entry")
+    # A second run on the same workspace waits for the first (one writer per dataset).
+    earlier = {r.id for r in flow_runs(stack, "publish/loop")}
+    publish_run = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "deployment", "run", "publish/loop"],
+                                   cwd=REPO_ROOT, env=stack.env(), stdout=subprocess.PIPE, text=True)
+    publish_run.communicate(timeout=60)
+    time.sleep(6)
+    (pub_run,) = [r for r in flow_runs(stack, "publish/loop") if r.id not in earlier]
+    assert not pub_run.state.is_final(), "publish ran while a training held the workspace"
+    runs = [r for r in flow_runs(stack, "train/loop") if r.state.is_running()]
+    assert len(runs) == 1 and runs[0].infrastructure_pid
+    os.kill(int(str(runs[0].infrastructure_pid).rsplit(":", 1)[-1]), signal.SIGKILL)
+    wait_for(lambda: (s := [r for r in flow_runs(stack, "train/loop") if r.id == runs[0].id][0].state).is_final() and s,
+             60, "crash state")
+    reg = _registry(ws)  # a valid file, the promoted model untouched, the run visible as in training
+    assert reg["promoted"] == before["promoted"] and reg["entries"][-1]["status"] == "training"
+    # The slot's lease expires; the waiting publish then runs (unchanged data: no new version).
+    wait_for(lambda: [r for r in flow_runs(stack, "publish/loop") if r.id == pub_run.id][0].state.is_final(), 150,
+             "the queued publish run")
+    # The next training of that version sees the dead process and records it.
+    out = prefect_cli(stack, "deployment", "run", "train/loop", "--params", '{"force": true}', "--watch",
+                      "--watch-timeout", "240", timeout=270)
+    assert out.returncode == 0, out.stdout[-3000:]
+    reg = _registry(ws)
+    killed = [e for e in reg["entries"] if e.get("error") and "interrupted" in e["error"]]
+    assert len(killed) == 1 and reg["entries"][-1]["status"] == "trained"
+
+
+def test_schedules_exist_with_next_runs_and_a_user_state_survives_up(env):
+    from datetime import datetime, timedelta, timezone
+
+    stack = env["stack"]
+    with client(stack) as c:
+        dep = c.read_deployment_by_name("retrain/demo")
+        (sch,) = dep.schedules
+        assert sch.active and sch.slug == "daily-retrain" and sch.schedule.cron == "0 4 * * *"
+        weekly = {d: [(s.slug, s.active) for s in c.read_deployment_by_name(d).schedules]
+                  for d in ("build-dataset/dinosaurs", "retrain/dinosaurs")}
+    assert weekly == {"build-dataset/dinosaurs": [("weekly-rescrape", False)], "retrain/dinosaurs": [("weekly-retrain", False)]}
+    # The server lays out the next runs of the active schedule: tomorrow's (or today's) 04:00 UTC first.
+    now = datetime.now(timezone.utc)
+    nxt = now.replace(hour=4, minute=0, second=0, microsecond=0)
+    if nxt <= now:
+        nxt += timedelta(days=1)
+    runs = wait_for(lambda: [r for r in flow_runs(stack, "retrain/demo") if r.state.is_scheduled()], 60, "scheduled runs")
+    assert min(r.expected_start_time for r in runs) == nxt
+    # A user pauses the demo schedule and resumes the dinosaurs re-scrape: `make up` keeps both.
+    with client(stack) as c:
+        c.update_deployment_schedule(dep.id, sch.id, active=False)
+        dino = c.read_deployment_by_name("build-dataset/dinosaurs")
+        c.update_deployment_schedule(dino.id, dino.schedules[0].id, active=True)
+    stack.up()
+    with client(stack) as c:
+        assert [s.active for s in c.read_deployment_by_name("retrain/demo").schedules] == [False]
+        assert [s.active for s in c.read_deployment_by_name("build-dataset/dinosaurs").schedules] == [True]
+        # back as shipped, for the other tests
+        c.update_deployment_schedule(dep.id, sch.id, active=True)
+        dino = c.read_deployment_by_name("build-dataset/dinosaurs")
+        c.update_deployment_schedule(dino.id, dino.schedules[0].id, active=False)
+    assert sorted(stack.restored) == ["build-dataset/dinosaurs [weekly-rescrape] active", "retrain/demo [daily-retrain] paused"]
