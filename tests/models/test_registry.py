@@ -15,6 +15,7 @@ import pytest
 from curation.catalog import Workspace
 from models import registry
 from models import run as train_run
+from tests.hubstub import hub  # noqa: F401  (the fixture)
 from tests.models.conftest import tiny_manifest, write_published
 
 
@@ -78,7 +79,7 @@ def _train(ws: Workspace, folder, name: str, **train) -> dict:
 
 
 @pytest.mark.slow
-def test_a_worse_model_is_not_promoted_a_better_one_is(tmp_path):
+def test_a_worse_model_is_not_promoted_a_better_one_is_and_the_promoted_one_goes_to_the_hub(tmp_path, hub):
     ws = Workspace(tmp_path / "ws")
     folder, _ = write_published(ws.root, per_class=24, test_per_class=8)
     fast = dict(cv=False, label_issues=False, max_epochs=6, patience=6)
@@ -98,3 +99,19 @@ def test_a_worse_model_is_not_promoted_a_better_one_is(tmp_path):
     reg = registry.read(ws)
     assert [e["promoted"] for e in reg["events"]] == [True, False, d3.promoted]
     assert registry.history_plot(ws, "top1", tmp_path / "h.png").stat().st_size > 1000
+
+    # The promoted model goes to the Hub beside its dataset, its card naming the dataset version.
+    from curation.config import PublishSettings, RetrainSettings
+    from models import hub as model_hub
+
+    m = tiny_manifest(ws.root)
+    m = m.model_copy(update={"publish": PublishSettings(repo_id="stub-user/toy"),
+                             "retrain": RetrainSettings(model_repo_id="stub-user/toy-classifier")})
+    r = model_hub.push(m, ws)
+    assert r["entry"] == reg["promoted"] and r["tag"] == "data-v1"
+    repo = hub.repo("stub-user/toy-classifier", "model")
+    files = repo.files("data-v1")
+    assert {"model.pt", "model.json", "README.md", "metrics.json"} <= set(files)
+    card = files["README.md"].decode()
+    assert "datasets:\n- stub-user/toy" in card and "stub-user/toy v1" in card and "| top1 |" in card
+    assert hub.token.encode() not in files["metrics.json"]

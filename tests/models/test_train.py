@@ -165,24 +165,6 @@ def _review_view(tmp_path: Path, ws: Workspace) -> list[str]:
         mongod.wait(20)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)  # a stuck Prefect harness fails the test instead of hanging the suite
-def test_train_flow_trains_from_a_published_dataset(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.train import train_flow
-
-    write_published(tmp_path / "ws")
-    mf = _manifest_file(tmp_path, mode="head", max_epochs=1, cv_folds=2)
-    with prefect_test_harness(server_startup_timeout=120):
-        out = train_flow(manifest=str(mf), workdir=str(tmp_path / "ws"), experiment="flow")
-    assert out["experiment"] == "flow" and out["dataset"].endswith("published/v1")
-    (m,) = out["models"]
-    assert len(m["fold_top1"]) == 2 and m["test"]["top1"] is not None
-    assert (tmp_path / "ws" / "models" / "flow" / m["name"] / "model" / "model.pt").is_file()
-
-
 def test_no_published_dataset_is_one_sentence_and_exit_2(tmp_path):
     from curation.cli import app
 
@@ -193,3 +175,21 @@ def test_no_published_dataset_is_one_sentence_and_exit_2(tmp_path):
                                    "--dataset", "nobody/nothing@v9"])
     assert res.exit_code == 2 and "cannot load the published dataset nobody/nothing@v9" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_nested_run_chooses_per_outer_fold_on_inner_folds(tmp_path):
+    ws = Workspace(tmp_path / "ws").ensure()
+    write_published(ws.root, folds=4, per_class=16)
+    m = tiny_manifest(ws.root, mode="full", max_epochs=1, nested={"enabled": True, "outer_folds": 2, "inner_folds": 1},
+                      grid=[{"lr": [0.01, 0.02]}], label_issues=False)
+    s = run.run(m, ws, experiment="nested")
+    (ms,) = s.models
+    assert ms.nested and len(ms.fold_top1) == 2
+    base = tmp_path / "ws" / "models" / "nested" / ms.name
+    for i in (0, 1):
+        r = json.loads((base / f"fold-{i}" / "result.json").read_text())
+        assert len(r["inner_search"]) == 2 and all(i not in row["held_out"] for row in r["inner_search"])
+        assert r["hyper"]["lr"] in (0.01, 0.02)
+    final = json.loads((base / "metrics.json").read_text())["final"]
+    assert len(final["search"]) == 2 and final["hyper"]["lr"] == ms.chosen["lr"]
