@@ -54,6 +54,26 @@ class ClassSpec(_Strict):
         return self.folder or self.name
 
 
+def known_licence_codes(v: list[str]) -> list[str]:
+    """Validator body: every entry is a code of curation/licenses.py."""
+    from curation.licenses import CODES
+
+    unknown = [c for c in v if c not in CODES]
+    if unknown:
+        raise ValueError(f"unknown licence code(s) {unknown}; use {sorted(CODES)}")
+    return v
+
+
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def hub_repo_id(v: str | None) -> str | None:
+    """Validator body: None or a Hub repo id ORG/NAME."""
+    if v is not None and not _REPO_RE.match(v):
+        raise ValueError(f"{v!r} is not a Hub repo id (ORG/NAME)")
+    return v
+
+
 # ---------------------------------------------------------------- sources
 
 
@@ -118,15 +138,7 @@ class LicensedApiSource(_Strict):
         1024, ge=1, description="ask for a resized copy this wide where the API offers one (Wikimedia, iNaturalist)"
     )
 
-    @field_validator("licenses")
-    @classmethod
-    def _known_codes(cls, v: list[str]) -> list[str]:
-        from curation.licenses import CODES
-
-        unknown = [c for c in v if c not in CODES]
-        if unknown:
-            raise ValueError(f"unknown licence code(s) {unknown}; use {sorted(CODES)}")
-        return v
+    _known_codes = field_validator("licenses")(lambda cls, v: known_licence_codes(v))
 
 
 Source = Annotated[
@@ -403,9 +415,6 @@ class SplitSizes(_Strict):
         return {"train": self.train, "validation": self.validation, "test": self.test}
 
 
-_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
 class PublishSettings(_Strict):
     repo_id: str | None = Field(None, description="Hub dataset repo ORG/NAME that `publish --push` uses by default")
     private: bool = Field(True, description="create the Hub repo private")
@@ -426,22 +435,9 @@ class PublishSettings(_Strict):
     citation: str | None = Field(None, description="BibTeX for the card; default: one generated from the manifest")
     token_secret: str = Field("hf-token", description="Prefect Secret block holding the Hub token (flows; else $HF_TOKEN)")
 
-    @field_validator("licenses")
-    @classmethod
-    def _known_codes(cls, v: list[str]) -> list[str]:
-        from curation.licenses import CODES
+    _known_codes = field_validator("licenses")(lambda cls, v: known_licence_codes(v))
 
-        unknown = [c for c in v if c not in CODES]
-        if unknown:
-            raise ValueError(f"unknown licence code(s) {unknown}; use {sorted(CODES)}")
-        return v
-
-    @field_validator("repo_id")
-    @classmethod
-    def _repo_ok(cls, v: str | None) -> str | None:
-        if v is not None and not _REPO_RE.match(v):
-            raise ValueError(f"{v!r} is not a Hub repo id (ORG/NAME)")
-        return v
+    _repo_ok = field_validator("repo_id")(lambda cls, v: hub_repo_id(v))
 
 
 # ---------------------------------------------------------------- training (models/)
@@ -615,12 +611,7 @@ class RetrainSettings(_Strict):
     collect_review: bool = Field(True, description="the retrain flow pulls review decisions before publishing")
     model_repo_id: str | None = Field(None, description="Hub model repo ORG/NAME the promoted model is pushed to, if any")
 
-    @field_validator("model_repo_id")
-    @classmethod
-    def _repo_ok(cls, v: str | None) -> str | None:
-        if v is not None and not _REPO_RE.match(v):
-            raise ValueError(f"{v!r} is not a Hub repo id (ORG/NAME)")
-        return v
+    _repo_ok = field_validator("model_repo_id")(lambda cls, v: hub_repo_id(v))
 
 
 class Manifest(_Strict):

@@ -16,7 +16,7 @@ from prefect import get_client, get_run_logger
 from prefect.context import FlowRunContext
 
 
-LEASE_S = 30.0
+LEASE_S = 60.0  # the server accepts no shorter lease
 
 
 def slot_name(dataset: str) -> str:

@@ -145,6 +145,7 @@ def env(tmp_path_factory):
     trigger[0]["match"]["prefect.resource.id"] = "jurassiclass.dataset.loop"
     trigger[0]["parameters"]["manifest"] = str(loop)
     spec["deployments"].append(like(":train_flow", "loop", loop, triggers=trigger))
+    spec["deployments"].append(like(":retrain", "loop", loop))
     pfile = tmp / "prefect.yaml"
     pfile.write_text(yaml.safe_dump(spec, sort_keys=False))
 
@@ -384,6 +385,7 @@ def test_failed_stage_message_shows_in_watch_output(env):
     # the CLI wraps long lines: compare without whitespace
     flat = re.sub(r"\s+", "", text)
     assert re.sub(r"\s+", "", f"stage ingest failed: FileNotFoundError: folder source {tmp / 'no-such-tree'} does not exist") in flat
+    assert not (tmp / "ws-bad" / "published").exists()  # a failed curation stage publishes nothing: nothing trains
 
 
 @pytest.mark.slow
@@ -461,6 +463,32 @@ def test_a_failed_training_shows_its_error_and_leaves_the_promoted_model(env):
     after = _registry(ws)
     assert after["promoted"] == before["promoted"]
     assert after["entries"][-1]["status"] == "failed" and "no_such_timm_model" in after["entries"][-1]["error"]
+
+
+@pytest.mark.slow
+def test_retrain_closes_the_loop_from_new_images_to_a_registered_model(env):
+    stack, ws, tmp = env["stack"], env["loop_ws"], env["tmp"]
+    before = _registry(ws)
+    if not before["promoted"]:
+        pytest.fail("runs after the trigger test, which publishes v1 and promotes a first model")
+    folder_tree(tmp / "loop-tree", 900, n=4)  # new images arrive in the source
+    triggered_before = {r.id for r in flow_runs(stack, "train/loop")}
+    out = prefect_cli(stack, "deployment", "run", "retrain/loop", "--param", "rescrape=true", "--watch",
+                      "--watch-timeout", "300", timeout=330)
+    assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-4000:]
+    from curation import publish
+
+    assert [e["version"] for e in publish.history(ws)][-1] == 2
+    reg = _registry(ws)
+    v2 = [e for e in reg["entries"] if e["dataset_version"] == 2]
+    assert len(v2) == 1 and v2[0]["status"] == "trained"  # trained once, by the retrain run
+    assert reg["events"][-1]["entry"] == v2[0]["id"]  # a promotion decision was made and recorded
+    # build-dataset's publish emitted the v2 event; the triggered train waited for the workspace and
+    # then found v2 trained: it trained nothing.
+    new = wait_for(lambda: [r for r in flow_runs(stack, "train/loop") if r.id not in triggered_before and r.state.is_final()],
+                   120, "the triggered train run")
+    assert len(new) == 1 and new[0].state.is_completed()
+    assert len([e for e in _registry(ws)["entries"] if e["dataset_version"] == 2]) == 1
 
 
 @pytest.mark.slow
