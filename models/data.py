@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -269,6 +270,20 @@ def default_workers(accelerator_is_cuda: bool) -> int:
     return min(8, cores) if accelerator_is_cuda else min(1, cores - 1)
 
 
+def worker_context(workers: int):
+    """How DataLoader workers start: forked (fast) from a plain process; from a fork server when
+    this process handles SIGTERM itself (an orchestrator's flow-run process, e.g. Prefect's).
+    Forked workers inherit that handler, so the SIGTERM that ends an idle worker raises the
+    orchestrator's termination exception in it (exit code 1) and torch reports a crashed worker."""
+    if workers == 0 or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        return None
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "PIL.Image", "models.data"])  # workers start without re-importing them
+    return ctx
+
+
 class FoldData(L.LightningDataModule):
     """Train / val / test (held-out) rows of one fold of the pool (or the final split), as loaders."""
 
@@ -281,6 +296,7 @@ class FoldData(L.LightningDataModule):
         self.cfg, self.settings, self.num_classes, self.seed = cfg, settings, num_classes, seed
         self.cuda = cuda
         self.workers = settings.workers if settings.workers is not None else default_workers(cuda)
+        self.mp_context = worker_context(self.workers)
         size = cfg["input_size"][-1]
         self.train_tf, self.eval_tf, self.size = train_transform(cfg, settings), eval_transform(cfg), size
         labels = np.asarray(table["label"], dtype=np.int64)
@@ -297,6 +313,7 @@ class FoldData(L.LightningDataModule):
             ds, batch_size=self.settings.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
             num_workers=self.workers, pin_memory=self.cuda, persistent_workers=self.workers > 0,
             prefetch_factor=4 if self.workers > 0 else None, generator=g, drop_last=drop_last,
+            multiprocessing_context=self.mp_context,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -318,4 +335,5 @@ class FoldData(L.LightningDataModule):
 
     def eval_loader(self, table, indices: np.ndarray) -> DataLoader:
         return DataLoader(Rows(table, indices, self.eval_tf, self.size), batch_size=self.settings.batch_size,
-                          num_workers=0 if len(indices) < 256 else self.workers, pin_memory=self.cuda)
+                          num_workers=0 if len(indices) < 256 else self.workers, pin_memory=self.cuda,
+                          multiprocessing_context=self.mp_context if len(indices) >= 256 else None)

@@ -28,10 +28,11 @@ from flows import common, stages
 from flows.stack import REPO_ROOT, Stack, free_port
 from tests import support
 
-# A training run small enough for CPU tests: timm's tiny test_resnet, 32 px, 2 epochs, no CV.
+# A training run small enough for CPU tests: timm's tiny test_resnet, 32 px, 2 epochs, no CV, and one
+# DataLoader worker process: the way loaders start inside a flow-run process is part of what runs.
 LOOP_TRAIN = {"models": [{"name": "tiny", "arch": "test_resnet", "mode": "full", "pretrained": False,
                           "hyper": {"lr": 0.01, "backbone_factor": 1}}],
-              "image_size": 32, "batch_size": 8, "max_epochs": 2, "workers": 0, "cv": False, "label_issues": False,
+              "image_size": 32, "batch_size": 8, "max_epochs": 2, "workers": 1, "cv": False, "label_issues": False,
               "export_onnx": False, "freeze_bn_stats": False}
 N_URLS = 12
 GATE_AT = 6  # image requests from this index on wait for the test to open the gate

@@ -70,3 +70,21 @@ def test_letterbox_is_the_seeds():
 def test_class_weights_inverse_frequency():
     w = data.class_weights(np.array([0, 0, 0, 1]), 3)
     assert torch.allclose(w, torch.tensor([2 / 3, 2.0, 0.0]))
+
+
+def test_loader_workers_start_clean_under_a_process_that_handles_sigterm():
+    """A flow-run process (Prefect's) handles SIGTERM itself: its forked loader workers would turn
+    the SIGTERM that ends them into its termination exception. Then they start from a fork server."""
+    import signal
+
+    from models.data import worker_context
+
+    assert worker_context(0) is None
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        assert worker_context(2) is None  # a plain process: fork, the fast way
+        signal.signal(signal.SIGTERM, lambda *a: None)
+        assert worker_context(2).get_start_method() == "forkserver"
+    finally:
+        signal.signal(signal.SIGTERM, old)
