@@ -371,9 +371,9 @@ def publish(m: Manifest, ws: Workspace, *, out: str | Path | None = None, dry_ru
     rows, warnings = assign_splits(m, rows, prev)
     digest = content_hash(rows, m.class_names)
     per_split = {s: rows.filter(pl.col("split") == s).height for s in splits.SPLITS}
-    per_class = (rows.group_by("label", "split").len().pivot(on="split", index="label", values="len").fill_null(0)
-                 .with_columns(pl.col("label").replace_strict({c: i for i, c in enumerate(m.class_names)},
-                                                              return_dtype=pl.Int32).alias("_o")).sort("_o").drop("_o"))
+    from curation.card import per_class_split
+
+    per_class = per_class_split(m, rows)
     prev_index = pl.read_parquet(_index_path(ws, prev["version"])) if prev and _index_path(ws, prev["version"]).exists() else None
     summary = PublishSummary(
         version=prev["version"] if prev else 0, changed=False, hash=digest, folder=prev.get("folder") if prev else None,
@@ -385,6 +385,9 @@ def publish(m: Manifest, ws: Workspace, *, out: str | Path | None = None, dry_ru
         return summary
     version = (prev["version"] if prev else 0) + 1
     folder = Path(out).resolve() if out else published_root(ws) / f"v{version}"
+    if out and folder.exists() and any(folder.iterdir()):
+        # Never delete what the user keeps there; only the workspace's own version folders are replaced.
+        raise PublishError(f"--out {folder} exists and is not empty: name a new folder")
     summary.version, summary.changed = version, True
     # Beside its final place, so the rename is atomic; a dry run writes only to the system temp dir.
     tmp = (Path(tempfile.mkdtemp(prefix="jurassiclass-publish-")) / folder.name if dry_run
@@ -395,7 +398,7 @@ def publish(m: Manifest, ws: Workspace, *, out: str | Path | None = None, dry_ru
         if dry_run:
             summary.seconds = time.monotonic() - t0
             return summary
-        if folder.exists():  # a version folder no history line names: left by a killed publish
+        if folder.exists():  # an empty --out folder, or a version folder no history line names (a killed publish)
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:

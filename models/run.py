@@ -102,8 +102,14 @@ def _spec(settings: TrainSettings, name: str) -> ModelSpec:
 
 
 def resolve_dataset(ws: Workspace, dataset: str | Path | None) -> str:
+    """The dataset to train on: as given, else the workspace's latest published version."""
     if dataset:
         return str(dataset)
+    from curation import publish
+
+    entry = publish.latest(ws)
+    if entry and Path(entry["folder"]).is_dir():
+        return entry["folder"]  # the history knows versions written with --out elsewhere too
     latest = latest_published(ws.root)
     if latest is None:
         raise DatasetUnavailable(f"no published dataset in {ws.root / 'published'}: run the publish stage first, or pass --dataset")

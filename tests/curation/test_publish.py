@@ -396,3 +396,18 @@ def test_a_failed_push_keeps_the_local_version_and_a_rerun_finishes_it(ingested,
     hub.clear_faults()
     r = publish.push(m, ws, repo_id=repo, retry_delay=0.01)  # re-run: finishes the job
     assert r["tag"] == "v2" and "v2" in hub.repo(repo, "dataset").tags and s.version == 1
+
+
+def test_out_writes_elsewhere_and_never_deletes_a_users_folder(ingested, tmp_path):
+    m, ws, _ = ingested
+    keep = tmp_path / "mine"
+    (keep / "notes.txt").parent.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises(publish.PublishError, match="not empty"):
+        publish.publish(m, ws, out=keep, show_progress=False)
+    assert (keep / "notes.txt").read_text() == "mine"
+    s = publish.publish(m, ws, out=tmp_path / "release", show_progress=False)
+    assert s.folder == str(tmp_path / "release") and publish.latest(ws)["folder"] == s.folder
+    from models.run import resolve_dataset
+
+    assert resolve_dataset(ws, None) == s.folder  # train finds it through the history
