@@ -21,7 +21,7 @@ from curation import splits
 from curation.catalog import Workspace
 from curation.config import Manifest
 from curation.licenses import terms
-from curation.report import markdown_table
+from curation.report import markdown_table, pyplot
 
 # Hub licence identifiers for the codes that map to exactly one; anything else is `other`.
 _HUB_LICENSE = {"cc0": "cc0-1.0"}
@@ -65,10 +65,7 @@ def _yaml_header(m: Manifest, rows: pl.DataFrame, shards: dict[str, list[Path]],
 
 
 def _plot_balance(table: pl.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     labels = table["label"].to_list()
@@ -91,10 +88,7 @@ def _plot_scores(rows: pl.DataFrame, column: str, path: Path) -> bool:
     scored = rows.filter(pl.col(column).is_not_null() & pl.col(column).is_not_nan())
     if scored.is_empty():
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for label in sorted(scored["label"].unique().to_list()):

@@ -439,7 +439,7 @@ def run(m: Manifest, ws: Workspace, *, show_progress: bool = True) -> PublishSum
 # ---------------------------------------------------------------- the Hub
 
 
-def _retrying(fn: Callable[[], Any], *, attempts: int = 4, first_delay: float = 2.0, what: str = "") -> Any:
+def with_retries(fn: Callable[[], Any], *, attempts: int = 4, first_delay: float = 2.0, what: str = "") -> Any:
     """Call ``fn``, retrying network failures and 5xx/429 answers with exponential back-off."""
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -498,20 +498,25 @@ def push(m: Manifest, ws: Workspace, *, repo_id: str | None = None, revision: st
         return {**done[-1], "already": True}
     token = token or os.environ.get("HF_TOKEN") or None
     api = HfApi(token=token)
-    _retrying(lambda: api.create_repo(repo_id, repo_type="dataset", private=m.publish.private, exist_ok=True),
-              first_delay=retry_delay)
-    if revision != "main":
-        _retrying(lambda: api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True),
-                  first_delay=retry_delay)
-    commit = _retrying(lambda: api.upload_folder(
-        repo_id=repo_id, repo_type="dataset", folder_path=str(folder), revision=revision,
-        commit_message=f"{m.name} {tag} ({entry['images']} images, {entry['hash'][:12]})",
-        # Shards of an earlier version that this one no longer has are removed in the same commit.
-        delete_patterns=["data/*", "plots/*"],
-    ), first_delay=retry_delay)
-    oid = getattr(commit, "oid", None)
-    _retrying(lambda: api.create_tag(repo_id, tag=tag, repo_type="dataset", revision=oid or revision, exist_ok=True),
-              first_delay=retry_delay)
+    try:
+        with_retries(lambda: api.create_repo(repo_id, repo_type="dataset", private=m.publish.private, exist_ok=True),
+                     first_delay=retry_delay)
+        if revision != "main":
+            with_retries(lambda: api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True),
+                         first_delay=retry_delay)
+        commit = with_retries(lambda: api.upload_folder(
+            repo_id=repo_id, repo_type="dataset", folder_path=str(folder), revision=revision,
+            commit_message=f"{m.name} {tag} ({entry['images']} images, {entry['hash'][:12]})",
+            # Shards of an earlier version that this one no longer has are removed in the same commit.
+            delete_patterns=["data/*", "plots/*"],
+        ), first_delay=retry_delay)
+        oid = getattr(commit, "oid", None)
+        with_retries(lambda: api.create_tag(repo_id, tag=tag, repo_type="dataset", revision=oid or revision,
+                                            exist_ok=True), first_delay=retry_delay)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise PublishError(f"pushing {tag} to {repo_id}@{revision} failed: {first}; the local version is kept, "
+                           "run the same command again to finish the push") from exc
     result.update(commit=oid, url=f"{api.endpoint}/datasets/{repo_id}/tree/{tag}")
     for e in entries:
         if e["version"] == entry["version"]:

@@ -43,3 +43,13 @@ def markdown_table(df: pl.DataFrame) -> str:
     sep = "| " + " | ".join("---" for _ in df.columns) + " |"
     body = ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in df.iter_rows()]
     return "\n".join([head, sep, *body])
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (stages run headless: workers, CI, servers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

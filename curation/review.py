@@ -732,10 +732,9 @@ def _best_threshold(scores: list[float], truth: list[bool]) -> tuple[float | Non
 
 
 def _plot(curve: pl.DataFrame, current: float | None, best: float | None, score: str, path: Path) -> None:
-    import matplotlib
+    from curation.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     t = curve["threshold"].to_list()

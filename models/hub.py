@@ -46,7 +46,7 @@ def push(m: Manifest, ws: Workspace, entry_id: str | None = None, *, repo_id: st
     tagged ``data-v<N>`` after the dataset version it was trained on."""
     from huggingface_hub import HfApi
 
-    from curation.publish import _retrying
+    from curation.publish import with_retries
 
     reg = registry.read(ws)
     entry_id = entry_id or reg["promoted"]
@@ -67,9 +67,9 @@ def push(m: Manifest, ws: Workspace, entry_id: str | None = None, *, repo_id: st
         (out / "metrics.json").write_text(json.dumps({k: v for k, v in entry.items() if k not in ("pid", "host")},
                                                      indent=2, default=str))
         (out / "README.md").write_text(model_card(m, entry, m.publish.repo_id), encoding="utf-8")
-        _retrying(lambda: api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True))
-        commit = _retrying(lambda: api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(out),
+        with_retries(lambda: api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True))
+        commit = with_retries(lambda: api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(out),
                                                      commit_message=f"{entry_id} (dataset v{entry['dataset_version']})"))
     tag = f"data-v{entry['dataset_version']}"
-    _retrying(lambda: api.create_tag(repo_id, tag=tag, repo_type="model", revision=commit.oid, exist_ok=True))
+    with_retries(lambda: api.create_tag(repo_id, tag=tag, repo_type="model", revision=commit.oid, exist_ok=True))
     return {"repo_id": repo_id, "entry": entry_id, "tag": tag, "commit": commit.oid}

@@ -91,12 +91,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _plt():
-    import matplotlib
+    from curation.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def plot_curves(history: dict[str, list[dict]], path: Path) -> Path:

@@ -219,10 +219,9 @@ def history_plot(ws: Workspace, metric: str, path: Path) -> Path | None:
     pts = [p for p in pts if p[1] is not None]
     if not pts:
         return None
-    import matplotlib
+    from curation.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ever = {ev["entry"] for ev in reg["events"] if ev.get("promoted")}
     fig, ax = plt.subplots(figsize=(6.5, 3.5))

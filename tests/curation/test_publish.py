@@ -390,7 +390,7 @@ def test_a_failed_push_keeps_the_local_version_and_a_rerun_finishes_it(ingested,
     s2 = publish.publish(m, ws, show_progress=False)
     assert s2.version == 2 and s2.diff["relabelled"] == 1
     hub.fail_next(10, status=503, path_contains="/commit/")
-    with pytest.raises(Exception):
+    with pytest.raises(publish.PublishError, match="503.*the local version is kept, run the same command again"):
         publish.push(m, ws, repo_id=repo, retry_delay=0.01)
     assert Path(s2.folder).is_dir() and not publish.history(ws)[-1]["pushes"]
     hub.clear_faults()
@@ -411,3 +411,14 @@ def test_out_writes_elsewhere_and_never_deletes_a_users_folder(ingested, tmp_pat
     from models.run import resolve_dataset
 
     assert resolve_dataset(ws, None) == s.folder  # train finds it through the history
+
+
+def test_a_rejected_token_is_one_clear_line(ingested, hub, tmp_path, monkeypatch):
+    m, ws, root = ingested
+    monkeypatch.setenv("HF_TOKEN", "hf_not_the_right_one")
+    r = _cli("publish", "-m", str(_manifest_file(tmp_path, root)), "-w", str(ws.root), "-q", "--push", "stub-user/x")
+    assert r.exit_code == 2, r.output
+    err = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "401" in err[0] and "run the same command again" in err[0]
+    assert "hf_not_the_right_one" not in r.output and "Traceback" not in r.output
+    assert (ws.root / "published" / "v1").is_dir()  # published locally all the same
