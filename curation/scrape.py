@@ -255,7 +255,7 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> Scr
         else:
             code = normalise_license(c["license"])
             prov = {"source": c["source"], "query": c["query"], "source_url": c["url"], "page_url": c["page_url"],
-                    "license": code, "license_raw": c["license"], "author": c["author"],
+                    "license": code, "license_raw": c.get("license_raw", c["license"]), "author": c["author"],
                     "redistributable": redistributable(code)}
             row = build_row(ws, res.data, label=c["label"], settings=manifest.images, provenance=prov)
             rec.update(outcome="image" if row["status"] == Status.candidate.value else "rejected",

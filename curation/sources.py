@@ -38,9 +38,11 @@ class SourceError(RuntimeError):
     """A source that cannot be used at all (missing API key, unreadable URL list)."""
 
 
-def candidate(url, label, source, *, query=None, page_url=None, license=None, author=None) -> Candidate:
+def candidate(url, label, source, *, query=None, page_url=None, license=None, author=None,
+              license_raw=None) -> Candidate:
+    """license: the image's own licence text; license_raw: what to keep as the raw text (default: license)."""
     return {"url": url, "label": label, "source": source, "query": query, "page_url": page_url,
-            "license": license, "author": author}
+            "license": license, "author": author, "license_raw": license_raw if license_raw is not None else license}
 
 
 # ---------------------------------------------------------------- search engines (icrawler)
@@ -385,7 +387,11 @@ def gbif(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterator[Ca
                 yield candidate(
                     media["identifier"], spec.name, "gbif", query=query,
                     page_url=media.get("references") or f"https://www.gbif.org/occurrence/{occ.get('key')}",
-                    license=media.get("license") or occ.get("license"),
+                    # The occurrence record's licence covers the record's data, not the photo: a photo
+                    # without its own licence is `unknown`; the record's is kept aside in license_raw.
+                    license=media.get("license"),
+                    license_raw=media.get("license") or (f"(none on the image; occurrence record: {occ['license']})"
+                                                         if occ.get("license") else None),
                     author=media.get("creator") or media.get("rightsHolder") or occ.get("recordedBy"),
                 )
 

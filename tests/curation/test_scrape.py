@@ -232,8 +232,11 @@ def _gbif(fx: Fixture, q: dict) -> dict:
         {"key": 78, "license": "CC_BY_NC_4_0",
          "media": [{"type": "StillImage", "identifier": fx.img_url("gbif-78.jpg"), "rightsHolder": "Museum",
                     "license": "All rights reserved"}]},
+        # GBIF's schema: a media item's licence may be absent (null); the record's licence is the data's.
+        {"key": 79, "license": "http://creativecommons.org/publicdomain/zero/1.0/legalcode",
+         "media": [{"type": "StillImage", "identifier": fx.img_url("gbif-79.jpg"), "license": None, "creator": None}]},
     ] if off == 0 else []
-    return {"offset": off, "limit": 300, "endOfRecords": True, "count": 2, "results": results}
+    return {"offset": off, "limit": 300, "endOfRecords": True, "count": 3, "results": results}
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +398,10 @@ def test_licensed_apis_record_licence_author_and_page(fx, workspace):
     assert (g["gbif-77.jpg"]["license"], g["gbif-77.jpg"]["author"], g["gbif-77.jpg"]["redistributable"]) == ("cc0", "Creator 77", True)
     assert (g["gbif-78.jpg"]["license"], g["gbif-78.jpg"]["redistributable"]) == ("all-rights-reserved", False)
     assert g["gbif-78.jpg"]["license_raw"] == "All rights reserved"
-    assert s.classes[0]["short"] == 100 - 18
+    # no licence on the photo: unknown (never the record's CC0), the record's kept aside
+    assert (g["gbif-79.jpg"]["license"], g["gbif-79.jpg"]["redistributable"]) == ("unknown", False)
+    assert "occurrence record: http://creativecommons.org/publicdomain/zero" in g["gbif-79.jpg"]["license_raw"]
+    assert s.classes[0]["short"] == 100 - 19
 
     # the default licence filter skips what cannot be redistributed, without fetching it
     ws2 = catalog.Workspace(workspace.root.parent / "ws2")
@@ -403,7 +409,7 @@ def test_licensed_apis_record_licence_author_and_page(fx, workspace):
     m2 = make_manifest([{"type": "gbif", "endpoint": f"{fx.base}/gbif/v1", "request_interval_s": 0}],
                        target=10, classes=("Stegosaurus",))
     s2 = scrape.run(m2, ws2, show_progress=False)
-    assert fx.hits["/img/gbif-78.jpg"] == hits and "license_excluded:1" in s2.sources[0]["reasons"]
+    assert fx.hits["/img/gbif-78.jpg"] == hits and "license_excluded:2" in s2.sources[0]["reasons"]
 
 
 def test_url_list_source(fx, workspace, tmp_path):
@@ -453,7 +459,7 @@ def test_a_broken_source_is_reported_and_the_others_go_on(fx, workspace):
     assert len(s.source_errors) == 2 and "gbif for Stegosaurus" in s.source_errors[0]
     assert "API page failed (http_404" in s.source_errors[1]
     assert "2 source(s) broke" in s.line()
-    assert s.downloaded == 2
+    assert s.downloaded == 3  # the working GBIF source's three photos
 
 
 def test_url_list_reads_parquet_with_optional_columns(tmp_path):
