@@ -44,7 +44,8 @@ from curation.config import Manifest, PublishInclude
 from curation.licenses import publish_refusal, terms
 
 # Catalog columns this stage writes: where each image went in the latest version that held it.
-COLUMNS: dict[str, pl.DataType] = {"split": pl.Utf8, "fold": pl.Int32, "published_version": pl.Int32}
+COLUMNS: dict[str, pl.DataType] = {"split": pl.Utf8, "fold": pl.Int32, "published_version": pl.Int32,
+                                   "publish_note": pl.Utf8}  # why the latest version left the image out
 # Upstream columns published as provenance when present (nulls otherwise).
 _UPSTREAM: dict[str, pl.DataType] = {
     "dup_group": pl.Utf8, "label_conflict": pl.Boolean, "clip_score": pl.Float64, "clip_margin": pl.Float64,
@@ -413,8 +414,10 @@ def publish(m: Manifest, ws: Workspace, *, out: str | Path | None = None, dry_ru
     index.write_parquet(_index_path(ws, version))
     with catalog.locked(ws):
         cat = catalog.ensure_columns(catalog.read(ws), COLUMNS)
-        upd = rows.select("image_id", "split", "fold", pl.lit(version, dtype=pl.Int32).alias("published_version"))
-        catalog.write(ws, catalog.update(cat, upd))
+        upd = rows.select("image_id", "split", "fold", pl.lit(version, dtype=pl.Int32).alias("published_version"),
+                          pl.lit(None, dtype=pl.Utf8).alias("publish_note"))
+        notes = dropped.select("image_id", pl.col("publish_reason").alias("publish_note"))
+        catalog.write(ws, catalog.update(catalog.update(cat, upd), notes))
     _append_history(ws, {
         "version": version, "hash": digest, "folder": str(folder), "created_at": datetime.now(timezone.utc).isoformat(),
         "images": rows.height, "per_split": per_split, "left_out": left_out, "diff": summary.diff,

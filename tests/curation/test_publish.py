@@ -247,6 +247,8 @@ def test_licences_decide_what_is_published(ingested):
     ds = load(s.folder)
     published = {i for k in ds for i in ds[k]["image_id"]}
     assert ids[1] in published and ids[6] in published  # ND stored byte for byte, CC0
+    notes = dict(catalog.read(ws).select("image_id", "publish_note").iter_rows())
+    assert notes[ids[0]] == "license_non_commercial:cc-by-nc" and notes[ids[6]] is None  # each image says why
     for i in (ids[0], ids[2], ids[3], ids[4], ids[5]):
         assert i not in published
     assert s.left_out == {"license_non_commercial:cc-by-nc": 1, "license_no_derivatives_re_encoded:cc-by-nd": 1,
