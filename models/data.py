@@ -271,17 +271,31 @@ def default_workers(accelerator_is_cuda: bool) -> int:
 
 
 def worker_context(workers: int):
-    """How DataLoader workers start: forked (fast) from a plain process; from a fork server when
-    this process handles SIGTERM itself (an orchestrator's flow-run process, e.g. Prefect's).
-    Forked workers inherit that handler, so the SIGTERM that ends an idle worker raises the
-    orchestrator's termination exception in it (exit code 1) and torch reports a crashed worker."""
+    """How DataLoader workers start: forked (fast) from a plain process; spawned when this process
+    handles SIGTERM itself (an orchestrator's flow-run process, e.g. Prefect's). Forked workers
+    inherit that handler, so the SIGTERM that ends a worker raises the orchestrator's termination
+    exception in it (exit code 1) and torch reports a crashed worker. Spawned workers start clean
+    and stay children of this process, so they notice when it is killed and exit with it (a fork
+    server would outlive it and keep the run's output pipe open)."""
     if workers == 0 or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
         return None
     import multiprocessing as mp
 
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "PIL.Image", "models.data"])  # workers start without re-importing them
-    return ctx
+    return mp.get_context("spawn")
+
+
+def die_with_parent(_worker_id: int) -> None:
+    """Loader worker init (Linux): the kernel kills the worker when the training process dies, even
+    by SIGKILL. Otherwise a worker blocked on a full queue outlives it, holding the run's output
+    pipe open, and an orchestrator never sees the run end."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: torch's own parent watchdog remains
+        return
+    if os.getppid() == 1:  # the parent died before the line above took effect
+        os._exit(0)
 
 
 class FoldData(L.LightningDataModule):
@@ -313,7 +327,7 @@ class FoldData(L.LightningDataModule):
             ds, batch_size=self.settings.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
             num_workers=self.workers, pin_memory=self.cuda, persistent_workers=self.workers > 0,
             prefetch_factor=4 if self.workers > 0 else None, generator=g, drop_last=drop_last,
-            multiprocessing_context=self.mp_context,
+            multiprocessing_context=self.mp_context, worker_init_fn=die_with_parent if self.workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -336,4 +350,5 @@ class FoldData(L.LightningDataModule):
     def eval_loader(self, table, indices: np.ndarray) -> DataLoader:
         return DataLoader(Rows(table, indices, self.eval_tf, self.size), batch_size=self.settings.batch_size,
                           num_workers=0 if len(indices) < 256 else self.workers, pin_memory=self.cuda,
-                          multiprocessing_context=self.mp_context if len(indices) >= 256 else None)
+                          multiprocessing_context=self.mp_context if len(indices) >= 256 else None,
+                          worker_init_fn=die_with_parent if len(indices) >= 256 and self.workers > 0 else None)

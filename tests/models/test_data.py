@@ -74,7 +74,7 @@ def test_class_weights_inverse_frequency():
 
 def test_loader_workers_start_clean_under_a_process_that_handles_sigterm():
     """A flow-run process (Prefect's) handles SIGTERM itself: its forked loader workers would turn
-    the SIGTERM that ends them into its termination exception. Then they start from a fork server."""
+    the SIGTERM that ends them into its termination exception. Then they are spawned."""
     import signal
 
     from models.data import worker_context
@@ -85,6 +85,6 @@ def test_loader_workers_start_clean_under_a_process_that_handles_sigterm():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         assert worker_context(2) is None  # a plain process: fork, the fast way
         signal.signal(signal.SIGTERM, lambda *a: None)
-        assert worker_context(2).get_start_method() == "forkserver"
+        assert worker_context(2).get_start_method() == "spawn"
     finally:
         signal.signal(signal.SIGTERM, old)
