@@ -496,7 +496,8 @@ def test_retrain_closes_the_loop_from_new_images_to_a_registered_model(env):
 def test_a_killed_training_leaves_the_registry_consistent_and_runs_are_serialised(env):
     stack, ws = env["stack"], env["loop_ws"]
     before = _registry(ws)
-    slow = {"train": {**LOOP_TRAIN, "max_epochs": 200, "patience": 200}}
+    # A training that would run for hours: it is certainly still running when it is killed.
+    slow = {"train": {**LOOP_TRAIN, "max_epochs": 100_000, "patience": 100_000}}
     started = prefect_cli(stack, "deployment", "run", "train/loop", "--params", json.dumps({"overrides": slow, "force": True}))
     assert started.returncode == 0, started.stdout
     wait_for(lambda: len(_registry(ws)["entries"]) > len(before["entries"]), 120, "the training to claim its entry")
@@ -511,8 +512,9 @@ def test_a_killed_training_leaves_the_registry_consistent_and_runs_are_serialise
     runs = [r for r in flow_runs(stack, "train/loop") if r.state.is_running()]
     assert len(runs) == 1 and runs[0].infrastructure_pid
     os.kill(int(str(runs[0].infrastructure_pid).rsplit(":", 1)[-1]), signal.SIGKILL)
-    wait_for(lambda: (s := [r for r in flow_runs(stack, "train/loop") if r.id == runs[0].id][0].state).is_final() and s,
-             60, "crash state")
+    state = wait_for(lambda: (s := [r for r in flow_runs(stack, "train/loop") if r.id == runs[0].id][0].state).is_final()
+                     and s, 60, "crash state")
+    assert state.type.value == "CRASHED", state
     reg = _registry(ws)  # a valid file, the promoted model untouched, the run visible as in training
     assert reg["promoted"] == before["promoted"] and reg["entries"][-1]["status"] == "training"
     # The slot's lease expires; the waiting publish then runs (unchanged data: no new version).
