@@ -41,7 +41,7 @@ import polars as pl
 from curation import catalog, splits
 from curation.catalog import Status, Workspace
 from curation.config import Manifest, PublishInclude
-from curation.licenses import publish_refusal, terms
+from curation.licenses import publish_refusal
 
 # Catalog columns this stage writes: where each image went in the latest version that held it.
 COLUMNS: dict[str, pl.DataType] = {"split": pl.Utf8, "fold": pl.Int32, "published_version": pl.Int32,

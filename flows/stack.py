@@ -246,7 +246,7 @@ def wait_for_triggered(stack: Stack, deployment: str, since: float, *, appear_s:
     from datetime import datetime, timezone
 
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterStartTime
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.sorting import FlowRunSort
 
     start = datetime.fromtimestamp(since, timezone.utc)

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from curation import catalog
 from curation.catalog import Workspace
-from curation.config import Hyper, ModelSpec
 from models import cv, export, metrics, run
 from models.data import load_published
 from models.fit import fit
