@@ -330,7 +330,10 @@ def test_bing_scrape_end_to_end_and_rerun_downloads_nothing(fx, workspace, monke
 
     configured = []
     monkeypatch.setattr(logging, "basicConfig", lambda *a, **k: configured.append(k))
-    m = make_manifest([bing(fx)], target=12)
+    # "Never requested twice" is about settled URLs: a generous per-attempt timeout keeps a loaded
+    # machine's slow answer from becoming a (legitimate) retry.
+    patient = {"timeout_s": 20.0}
+    m = make_manifest([bing(fx)], target=12, scrape_kw=patient)
     s = scrape.run(m, workspace, show_progress=False)
     assert configured == []  # icrawler's Crawler would call logging.basicConfig on the host program
 
@@ -362,7 +365,7 @@ def test_bing_scrape_end_to_end_and_rerun_downloads_nothing(fx, workspace, monke
     s2 = scrape.run(m, workspace, show_progress=False)
     assert s2.requested == 0 and sum(fx.hits.values()) == hits and catalog.read(workspace).height == df.height
     # a higher target fetches only new URLs: no image path is ever requested twice
-    m3 = make_manifest([bing(fx)], target=20)
+    m3 = make_manifest([bing(fx)], target=20, scrape_kw=patient)
     s3 = scrape.run(m3, workspace, show_progress=False)
     assert [c["after"] for c in s3.classes] == [20, 20]
     assert s3.skipped_known == 2 * 16 and s3.requested == 16  # the 404 is settled, never asked again
