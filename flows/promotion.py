@@ -1,6 +1,6 @@
-"""The registry around a training run (claim -> train -> complete -> promote or keep), its artifacts
-(a metrics table, a markdown comparison with the current model, the metric across versions) and
-the push of a promoted model to the Hub. Plain logic lives in `models.registry`."""
+"""The registry around a training run (claim -> train -> complete -> promote or keep) and its
+artifacts (the registry table, a markdown comparison with the current model, the metric across
+versions). Plain logic lives in `models.registry`; the Hub push of a promoted model in `models.hub`."""
 
 from __future__ import annotations
 

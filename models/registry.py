@@ -134,14 +134,16 @@ def fail(ws: Workspace, entry_id: str, error: str) -> None:
 # ---------------------------------------------------------------- evaluation and promotion
 
 
-def evaluate(model_dir: str | Path, dataset_ref: str, *, split: str = "test", batch_size: int = 64) -> dict:
-    """A model folder's metrics on one split of a published dataset (the same code for every model)."""
+def evaluate(model_dir: str | Path, dataset_ref: str, *, split: str = "test", batch_size: int = 64,
+             pub=None) -> dict:
+    """A model folder's metrics on one split of a published dataset (the same code for every model);
+    ``pub``: the dataset already loaded from ``dataset_ref``."""
     import torch
 
     from models import export, metrics
     from models.data import decode, load_published
 
-    pub = load_published(dataset_ref)
+    pub = pub if pub is not None else load_published(dataset_ref)
     pred = export.load(Path(model_dir))
     if pred.class_names != pub.class_names:
         raise RegistryError(f"model classes {pred.class_names} differ from the dataset's {pub.class_names}")
@@ -183,8 +185,11 @@ def promote_if_better(ws: Workspace, entry_id: str, *, metric: str, tolerance: f
     if new["status"] != "trained":
         raise RegistryError(f"{entry_id} is {new['status']}, not trained")
     cur = get(reg, reg["promoted"]) if reg["promoted"] else None
-    new_m = evaluate(new["model_dir"], new["dataset_ref"])
-    cur_m = evaluate(cur["model_dir"], new["dataset_ref"]) if cur and Path(cur["model_dir"]).exists() else None
+    from models.data import load_published
+
+    pub = load_published(new["dataset_ref"])  # once, for both models
+    new_m = evaluate(new["model_dir"], new["dataset_ref"], pub=pub)
+    cur_m = evaluate(cur["model_dir"], new["dataset_ref"], pub=pub) if cur and Path(cur["model_dir"]).exists() else None
     ok, why = decide(new_m[metric], cur_m[metric] if cur_m else None, tolerance)
     with _locked(ws) as reg:
         e = get(reg, entry_id)
