@@ -2,9 +2,14 @@
 
 1. hashing throughput on the same 1,000 JPEGs (goal >= 3x imagededup);
 2. precision/recall on one planted-duplicate set at each tool's default threshold;
-3. all-pairs search time on 100k and 1M synthetic 64-bit hashes (goal: 1M under 60 s).
+3. all-pairs search time on 100k and 1M synthetic 64-bit hashes (goal: 1M under 60 s);
+4. real photographs (benchmarks/realphotos.py, held-out split): precision/recall of the stage as
+   a user runs it (ingest + dedup, pairs by dup_group) and imagededup side by side, per transform;
+5. time per 1,000 images of the added verification: the stage with its new signals on vs off;
+6. embedding search: 1M x 512-d unit vectors with planted near pairs (cosine >= 0.95), faiss IVF
+   vs flat (exact) search: recall of true pairs relative to flat's, and times.
 
-    .venv/bin/python benchmarks/bench_dedup.py [--quick]
+    .venv/bin/python benchmarks/bench_dedup.py [--quick] [--only 1,2,3,4,5,6]
 
 Planted set: generated textured images (tests/support.py) plus openclipart drawings when the
 Debian package openclipart-png is installed (its shapes/ folder of parametric stars left out,
@@ -28,6 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # realphotos
 warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402
@@ -208,20 +214,179 @@ def bench_search(sizes: list[int], thresholds: list[int]) -> None:
             print(f"    faiss IndexBinaryFlat range_search n={n:>9,} t={thresholds[0]:2d}: {el:7.2f} s, {npairs:,} pairs (reference)")
 
 
+def bench_realphotos(split: str = "heldout") -> dict | None:
+    import realphotos
+
+    if not (realphotos.DEFAULT_OUT / split / "truth.csv").exists():
+        print(f"[4] real photographs: no {realphotos.DEFAULT_OUT / split}; run `benchmarks/realphotos.py build` first")
+        return None
+    print(f"[4] real photographs, {split} split (thresholds are never tuned on it):")
+    return realphotos.evaluate(realphotos.DEFAULT_OUT, split, cnn=True, examples=5)
+
+
+def _signals_off() -> dict:
+    """Settings that turn the added signals off (the stage as it was: hash + thumbnail guard)."""
+    fields = DedupSettings.model_fields
+    off = {"layout": False, "embeddings": False, "strong_bits": DedupSettings().threshold}
+    return {k: v for k, v in off.items() if k in fields}
+
+
+def bench_verification(split: str = "heldout", repeats: int = 2) -> None:
+    """The stage's dedup time with the added signals on and off, on the same catalog (hashes
+    cached after the first run, so the difference is the added candidate search and verification)."""
+    import realphotos
+
+    from curation import catalog, ingest
+    from curation.catalog import Workspace
+    from curation.config import parse_manifest
+
+    split_dir = realphotos.DEFAULT_OUT / split
+    off = _signals_off()
+    if not split_dir.exists():
+        print(f"[5] verification time: no {split_dir}; run `benchmarks/realphotos.py build` first")
+        return
+    if not off:
+        print("[5] verification time: this dedup has no added signals to switch off")
+        return
+
+    def manifest(settings: dict):
+        return parse_manifest({
+            "name": "bench", "classes": [{"name": c} for c in realphotos.CLASSES],
+            "sources": [{"type": "folder", "path": str(split_dir), "license": "cc-by"}], "dedup": settings,
+        })
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(Path(tmp) / "ws").ensure()
+        ingest.run(manifest({}), ws, show_progress=False)
+        n = catalog.read(ws).height
+        dedup.run(manifest(off), ws, show_progress=False)  # hashes, cached for the timed runs
+        times = {"off": float("inf"), "on": float("inf")}
+        for _ in range(repeats):  # alternate, best of: the machine is shared
+            for name, settings in (("off", off), ("on", {})):
+                t0 = time.perf_counter()
+                s = dedup.run(manifest(settings), ws, show_progress=False)
+                times[name] = min(times[name], time.perf_counter() - t0)
+                fam = getattr(s, "families", None)
+        per_k = (times["on"] - times["off"]) / n * 1000
+    print(f"[5] added verification on {n} real photos ({split}), hashes cached; signals off = {off}:")
+    print(f"    dedup stage: signals off {times['off']:.2f} s, on {times['on']:.2f} s -> "
+          f"{per_k:.2f} s per 1,000 images added ({os.cpu_count()} cores)")
+    if fam:
+        print(f"    candidate families (last run): {fam}")
+    if hasattr(dedup, "orb_features"):
+        paths = sorted(split_dir.glob("*/*.jpg"))[:300]
+        t0 = time.perf_counter()
+        for p in paths:
+            dedup.orb_features(p)
+        el = time.perf_counter() - t0
+        print(f"    of which ORB features, one thread: {el / len(paths) * 1000:.1f} s per 1,000 images")
+
+
+def planted_vectors(n: int, d: int, n_pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(n, d) float32 unit vectors like image embeddings (clustered: ~0.4-0.7 cosine within a
+    cluster) and (n_pairs, 2) planted near pairs with cosine >= 0.95 (the last n_pairs rows copy
+    rows 0..n_pairs-1 with noise)."""
+    rng = np.random.default_rng(seed)
+    n_clusters = max(1, n // 1000)
+    centres = rng.standard_normal((n_clusters, d), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.empty((n, d), np.float32)
+    step = 100_000
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        c = centres[rng.integers(0, n_clusters, e - s)]
+        noise = rng.standard_normal((e - s, d), dtype=np.float32) / np.sqrt(d)
+        x[s:e] = c + noise * rng.uniform(0.7, 1.3, (e - s, 1)).astype(np.float32)
+        x[s:e] /= np.linalg.norm(x[s:e], axis=1, keepdims=True)
+    src = np.arange(n_pairs)
+    dst = np.arange(n - n_pairs, n)
+    noise = rng.standard_normal((n_pairs, d), dtype=np.float32) / np.sqrt(d)
+    y = x[src] + noise * rng.uniform(0.05, 0.3, (n_pairs, 1)).astype(np.float32)
+    x[dst] = y / np.linalg.norm(y, axis=1, keepdims=True)
+    cos = (x[src] * x[dst]).sum(1)
+    keep = cos >= 0.95
+    return x, np.stack([src[keep], dst[keep]], 1)
+
+
+def bench_embedding_search(n: int, d: int = 512, n_pairs: int = 5_000, k: int = 8, min_cos: float = 0.9,
+                           nprobe: int = 16) -> None:
+    """IVF vs flat on n vectors. Every vector queries its k nearest (what dedup needs); flat is
+    exact but O(n^2 d), so it queries the planted pairs' copies only and its full time is
+    extrapolated from that. A pair is found when either side lists the other among its k
+    nearest with cosine >= min_cos."""
+    import faiss
+
+    t0 = time.perf_counter()
+    x, true = planted_vectors(n, d, n_pairs)
+    t_gen = time.perf_counter() - t0
+    q_rows = true[:, 1]
+    t0 = time.perf_counter()
+    flat = faiss.IndexFlatIP(d)
+    flat.add(x)
+    sim, nb = flat.search(x[q_rows], k + 1)
+    t_flat_q = time.perf_counter() - t0
+    found_flat = ((nb == true[:, :1]) & (sim >= min_cos)).any(1)
+    del flat
+
+    nlist = int(4 * np.sqrt(n))
+    t0 = time.perf_counter()
+    quant = faiss.IndexFlatIP(d)
+    ivf = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(1)
+    ivf.train(x[rng.choice(n, min(n, 32 * nlist), replace=False)])
+    ivf.add(x)
+    t_build = time.perf_counter() - t0
+    ivf.nprobe = nprobe
+    t0 = time.perf_counter()
+    found = np.zeros(len(true), bool)
+    pos = {int(r): i for i, r in enumerate(q_rows)}
+    pos_src = {int(r): i for i, r in enumerate(true[:, 0])}
+    step = 100_000
+    for s in range(0, n, step):  # every vector queries, as the stage does
+        sim, nb = ivf.search(x[s:s + step], k + 1)
+        rows = np.arange(s, min(n, s + step))
+        for r, srow, nrow in zip(rows, sim, nb):
+            i = pos.get(int(r))
+            if i is not None and ((nrow == true[i, 0]) & (srow >= min_cos)).any():
+                found[i] = True
+            i = pos_src.get(int(r))
+            if i is not None and ((nrow == true[i, 1]) & (srow >= min_cos)).any():
+                found[i] = True
+    t_search = time.perf_counter() - t0
+    r_flat, r_ivf = found_flat.mean(), found.mean()
+    print(f"[6] embedding search, {n:,} x {d}-d unit vectors (clustered), {len(true):,} planted pairs "
+          f"(cosine >= 0.95), k={k}, cosine >= {min_cos}; {os.cpu_count()} cores:")
+    print(f"    flat (exact) IndexFlatIP: recall {r_flat:.4f}; {len(q_rows):,} queries {t_flat_q:.1f} s "
+          f"-> all {n:,} queries ~{t_flat_q * n / len(q_rows):,.0f} s (extrapolated)")
+    print(f"    IVF{nlist},Flat nprobe={nprobe}: recall {r_ivf:.4f} = {r_ivf / max(r_flat, 1e-9):.4f} of flat's "
+          f"(goal >= 0.99); build {t_build:.1f} s, all {n:,} queries {t_search:.1f} s")
+    print(f"    (vectors generated in {t_gen:.1f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
     ap.add_argument("--also-t8", action="store_true", help="also time the search at threshold 8")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="sections to run, e.g. 4,6")
     a = ap.parse_args()
+    only = {int(x) for x in a.only.split(",")}
     t = DedupSettings().threshold
     if a.quick:
-        bench_throughput(100)
-        bench_quality(20, 20, 40)
-        bench_search([100_000], [t])
-        return
-    bench_throughput(1000)
-    bench_quality(150, 150, 300)
-    bench_search([100_000, 1_000_000], [t, 8] if a.also_t8 else [t])
+        sizes = dict(tp=100, q=(20, 20, 40), s=[100_000], e=100_000)
+    else:
+        sizes = dict(tp=1000, q=(150, 150, 300), s=[100_000, 1_000_000], e=1_000_000)
+    if 1 in only:
+        bench_throughput(sizes["tp"])
+    if 2 in only:
+        bench_quality(*sizes["q"])
+    if 3 in only:
+        bench_search(sizes["s"], [t, 8] if a.also_t8 and not a.quick else [t])
+    if 4 in only:
+        bench_realphotos("heldout")
+    if 5 in only:
+        bench_verification("heldout", repeats=1 if a.quick else 2)
+    if 6 in only:
+        bench_embedding_search(sizes["e"], n_pairs=1_000 if a.quick else 5_000)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def _curation_section(m: Manifest, ws: Workspace, rows: pl.DataFrame) -> list[st
 
 def write(m: Manifest, ws: Workspace, rows: pl.DataFrame, folder: Path, *, version: int, digest: str,
           shards: dict[str, list[Path]], features, left_out: dict[str, int], warnings: list[str],
-          diff_counts: dict[str, int]) -> None:
+          diff_counts: dict[str, int], catalog_version: int | None = None) -> None:
     plots = folder / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     table = per_class_split(m, rows)
@@ -196,6 +196,7 @@ def write(m: Manifest, ws: Workspace, rows: pl.DataFrame, folder: Path, *, versi
     created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     meta = {
         "dataset": m.name, "version": version, "hash": digest, "created_at": created, "class_names": m.class_names,
+        "catalog_version": catalog_version,  # the catalog table version the rows were read from
         "folds": m.publish.folds, "splits": m.publish.splits.as_dict(), "seed": m.publish.seed,
         "include": m.publish.include.value, "licenses_allowed": m.publish.licenses,
         "non_commercial": m.publish.non_commercial, "images": rows.height,

@@ -1,19 +1,97 @@
-"""The `jurassiclass` command: one subcommand per stage, each printing a short summary."""
+"""The `jurassiclass` command: one subcommand per stage, each printing a short summary.
+
+Every command runs inside one handler (`_Handled`): an expected error (`JurassiclassError`, an OS
+error such as a missing file or a full disk) prints `error: <message>` and exits 2; anything else
+is a bug and prints one line naming a file that holds its traceback (JURASSICLASS_DEBUG=1 raises
+it instead). Commands that write to a workspace save the resolved manifest there and append one
+line per invocation to `runs.jsonl` beside it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
+import tempfile
+import time
+import traceback
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 import polars as pl
 import typer
+from typer.core import TyperGroup
 
 from curation import catalog, report
 from curation.catalog import Workspace
-from curation.config import FolderSource, Manifest, ManifestError, load_manifest
+from curation.config import FolderSource, Manifest, load_manifest, parse_sets
+from curation.errors import JurassiclassError
+
+if TYPE_CHECKING:
+    from curation.scrape import ScrapeSummary
+
+
+class CliError(JurassiclassError):
+    """A command refusing its arguments or finding nothing to do."""
+
+
+# Errors a user can fix; everything else is a bug in this project.
+EXPECTED = (JurassiclassError, OSError)
+# This invocation: its arguments, and once a command opens a workspace, the history entry's parts.
+_invocation: ContextVar[dict | None] = ContextVar("jurassiclass_invocation", default=None)
+
+
+class _Handled(TyperGroup):
+    """The root group: every subcommand (nested groups too) runs inside its `invoke`, so errors are
+    turned into one line here, once, and the invocation is recorded in the workspace's history."""
+
+    def main(self, args=None, *a, **kw):
+        token = _invocation.set({"argv": list(sys.argv[1:] if args is None else args)})
+        try:
+            return super().main(args, *a, **kw)
+        finally:
+            _invocation.reset(token)
+
+    def invoke(self, ctx):
+        if ctx.parent is not None:  # `review`, `models`: the root already wraps them
+            return super().invoke(ctx)
+        outcome, message, code = "ok", None, 0
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException) as exc:  # usage errors print themselves
+            code = getattr(exc, "exit_code", 1)
+            outcome = "ok" if code == 0 else "error"
+            raise
+        except EXPECTED as exc:
+            outcome, message, code = "error", str(exc) or type(exc).__name__, 2
+            typer.secho(f"error: {message}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            outcome, code = "interrupted", 130
+            raise
+        except Exception as exc:
+            outcome, message, code = "bug", f"{type(exc).__name__}: {exc}", 1
+            if os.environ.get("JURASSICLASS_DEBUG"):
+                raise
+            saved = _save_traceback(exc)
+            typer.secho(f"error: unexpected {message} (a bug; traceback in {saved}, or rerun with JURASSICLASS_DEBUG=1)",
+                        fg="red", err=True)
+            raise typer.Exit(1) from None
+        finally:
+            _record(outcome, message, code)
+
+
+def _save_traceback(exc: BaseException) -> Path:
+    fd, name = tempfile.mkstemp(prefix="jurassiclass-", suffix=".traceback.txt")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("".join(traceback.format_exception(exc)))
+    return Path(name)
+
 
 app = typer.Typer(
+    cls=_Handled,
     help="Turn a list of class names into a clean, reviewed, published image dataset.",
     no_args_is_help=True,
     add_completion=False,
@@ -23,29 +101,95 @@ app = typer.Typer(
 ManifestOpt = typer.Option(..., "--manifest", "-m", help="dataset manifest (YAML)", exists=False)
 WorkdirOpt = typer.Option(None, "--workdir", "-w", help="workspace directory (default: the manifest's, else workspaces/<name>)")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress bars")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE",
+                      help="override a manifest setting, e.g. --set scrape.target_per_class=50 (repeatable; VALUE is YAML)")
 
 
-def fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg="red", err=True)
-    raise typer.Exit(2)
+def fail(msg: str) -> NoReturn:
+    """Stop the command: the handler prints `error: msg` and exits 2."""
+    raise CliError(msg)
 
 
-def open_run(manifest_path: Path, workdir: Path | None) -> tuple[Manifest, Workspace]:
-    """Load the manifest, pick the workspace, and save the resolved settings beside the outputs."""
+def load(manifest_path: Path, sets: list[str] | None) -> tuple[Manifest, dict]:
+    overrides = parse_sets(sets)
+    return load_manifest(manifest_path, overrides or None), overrides
+
+
+def open_run(manifest_path: Path, workdir: Path | None, sets: list[str] | None = None) -> tuple[Manifest, Workspace]:
+    """Load the manifest (+ --set overrides), pick the workspace, save the resolved settings beside
+    the outputs and start this invocation's history entry."""
+    m, overrides = load(manifest_path, sets)
+    ws = catalog.start_run(m, workdir)
+    _begin(ws, manifest_path, overrides)
+    return m, ws
+
+
+def open_readonly(manifest_path: Path, workdir: Path | None, sets: list[str] | None = None) -> tuple[Manifest, Workspace]:
+    """Like `open_run` for commands that only look: the workspace's resolved manifest is the last
+    run's settings and stays untouched."""
+    m, _ = load(manifest_path, sets)
+    root = workdir or m.workdir or Path("workspaces") / m.name
+    return m, Workspace(root)
+
+
+# ---------------------------------------------------------------- run history
+
+
+def _begin(ws: Workspace, manifest_path: Path, overrides: dict) -> None:
+    inv = _invocation.get()
+    if inv is None:  # called outside the command line (a library use of open_run)
+        return
+    resolved = ws.root / "manifest.resolved.yaml"
+    text = resolved.read_bytes() if resolved.exists() else b""
+    digest = hashlib.sha256(text).hexdigest()[:12]
+    # Each distinct resolved manifest is kept once, so every history line traces to its exact settings.
+    keep = ws.root / "runs" / f"manifest-{digest}.yaml"
+    if text and not keep.exists():
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_bytes(text)
+    inv.update(ws=ws, lines=[], t0=time.monotonic(), entry={
+        "started_at": catalog.utcnow().isoformat(), "argv": inv["argv"], "manifest": str(Path(manifest_path).resolve()),
+        "overrides": overrides, "resolved_manifest": str(keep.relative_to(ws.root)) if text else None,
+    })
+
+
+def note(line: str) -> None:
+    """Keep a summary line for this invocation's history entry."""
+    inv = _invocation.get()
+    if inv is not None and "lines" in inv:
+        inv["lines"].append(line)
+
+
+def say(line: str) -> None:
+    """Print a summary line and keep it for the history entry."""
+    typer.echo(line)
+    note(line)
+
+
+def _record(outcome: str, message: str | None, code: int) -> None:
+    """Append this invocation to WORKDIR/runs.jsonl (only commands that opened a workspace to write)."""
+    inv = _invocation.get()
+    if inv is None or "ws" not in inv:
+        return
+    path = inv["ws"].root / "runs.jsonl"
+    entry = {**inv["entry"], "finished_at": catalog.utcnow().isoformat(),
+             "seconds": round(time.monotonic() - inv["t0"], 2), "outcome": outcome, "exit_code": code,
+             "error": message, "summary": inv["lines"]}
     try:
-        m = load_manifest(manifest_path)
-    except ManifestError as exc:
-        fail(str(exc))
-    return m, catalog.start_run(m, workdir)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, default=str) + "\n")
+    except OSError as exc:  # the history must never hide the command's own outcome
+        typer.secho(f"warning: could not append to {path}: {exc}", fg="yellow", err=True)
 
 
 def workspace_line(ws: Workspace) -> str:
     stages = sorted(p.name for p in (ws.root / "stages").glob("*")) if (ws.root / "stages").exists() else []
-    return f"workspace: {ws.root}  (catalog.parquet, store/, stages/: {', '.join(stages) or 'none yet'})"
+    return f"workspace: {ws.root}  (catalog/, store/, stages/: {', '.join(stages) or 'none yet'})"
 
 
 def finish(ws: Workspace, headline: str) -> None:
     typer.secho(headline, bold=True)
+    note(headline)
     report.print_catalog(catalog.read(ws))
     typer.echo(workspace_line(ws))
 
@@ -53,19 +197,17 @@ def finish(ws: Workspace, headline: str) -> None:
 def do_ingest(m: Manifest, ws: Workspace, quiet: bool) -> str:
     from curation import ingest
 
-    try:
-        s = ingest.run(m, ws, show_progress=not quiet)
-    except FileNotFoundError as exc:
-        fail(str(exc))
+    s = ingest.run(m, ws, show_progress=not quiet)
     rejected = sum(s.rejected.values())
     extra = f", {s.not_image_extension} non-image files skipped" if s.not_image_extension else ""
     return f"ingest: {s.seen} files seen, {s.added} added, {s.already_known} already known, {rejected} rejected{extra}"
 
 
 @app.command()
-def ingest(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt) -> None:
+def ingest(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt,
+           set_: Optional[list[str]] = SetOpt) -> None:
     """Ingest the manifest's `folder` sources (ROOT/<class>/...) into the store and catalog."""
-    m, ws = open_run(manifest, workdir)
+    m, ws = open_run(manifest, workdir, set_)
     finish(ws, do_ingest(m, ws, quiet))
 
 
@@ -73,13 +215,18 @@ def ingest(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, q
 def show_catalog(
     workdir: Path = typer.Option(..., "--workdir", "-w", help="workspace directory"),
     export: Optional[Path] = typer.Option(None, help="also write the catalog to this CSV file"),
+    version: Optional[int] = typer.Option(None, "--version", min=0, help="the catalog as of this version (default: latest)"),
 ) -> None:
     """Print images per class and status (and rejection reasons) for a workspace."""
     ws = Workspace(workdir)
     if not ws.catalog_path.exists():
         fail(f"no catalog in {ws.root}: run a stage first (e.g. `jurassiclass ingest`)")
-    df = catalog.read(ws)
+    try:
+        df = catalog.read(ws, version=version)
+    except catalog.CatalogVersionError as exc:
+        fail(str(exc))
     report.print_catalog(df)
+    typer.echo(f"catalog version {version if version is not None else catalog.version(ws)} (latest {catalog.version(ws)})")
     typer.echo(workspace_line(ws))
     if export:
         df.select([c for c in df.columns if df.schema[c].is_nested() is False]).write_csv(export)
@@ -89,41 +236,38 @@ def show_catalog(
 def do_score(m: Manifest, ws: Workspace, quiet: bool, device: str | None = None) -> str:
     from curation import clip_score
 
-    try:
-        s = clip_score.run(m, ws, show_progress=not quiet, device=device)
-    except clip_score.ClipSetupError as exc:
-        fail(str(exc))
-    return s.line()
+    return clip_score.run(m, ws, show_progress=not quiet, device=device).line()
+
+
+DeviceOpt = typer.Option(None, help="override clip.device: cpu, cuda, cuda:N, mps")
 
 
 @app.command()
-def score(
-    manifest: Path = ManifestOpt,
-    workdir: Optional[Path] = WorkdirOpt,
-    quiet: bool = QuietOpt,
-    device: Optional[str] = typer.Option(None, help="override clip.device: cpu, cuda, cuda:N, mps"),
-) -> None:
+def score(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt,
+          device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Score candidates with CLIP; reject off-topic / unrealistic images, flag likely wrong labels."""
-    m, ws = open_run(manifest, workdir)
+    m, ws = open_run(manifest, workdir, set_)
     finish(ws, do_score(m, ws, quiet, device))
 
 
-def do_scrape(m: Manifest, ws: Workspace, quiet: bool) -> str:
+def scrape_summary(m: Manifest, ws: Workspace, quiet: bool) -> ScrapeSummary:
     from curation import scrape
 
-    try:
-        s = scrape.run(m, ws, show_progress=not quiet)
-    except scrape.ScrapeError as exc:
-        fail(str(exc))
+    s = scrape.run(m, ws, show_progress=not quiet)
     report.console.print(report.frame_table(s.sources_frame(), "scrape: this run, per class and source"))
     report.console.print(report.frame_table(s.classes_frame(), "scrape: images per class vs target"))
-    return s.line()
+    return s
+
+
+def do_scrape(m: Manifest, ws: Workspace, quiet: bool) -> str:
+    return scrape_summary(m, ws, quiet).line()
 
 
 @app.command()
-def scrape(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt) -> None:
+def scrape(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt,
+           set_: Optional[list[str]] = SetOpt) -> None:
     """Download up to each class's target from the manifest's search-engine, API and URL-list sources."""
-    m, ws = open_run(manifest, workdir)
+    m, ws = open_run(manifest, workdir, set_)
     finish(ws, do_scrape(m, ws, quiet))
 
 
@@ -137,34 +281,32 @@ app.add_typer(review_app, name="review")
 def do_review_push(m: Manifest, ws: Workspace, quiet: bool) -> str:
     from curation import review
 
-    try:
-        s = review.push(m, ws, show_progress=not quiet)
-    except review.ReviewError as exc:
-        fail(str(exc))
+    s = review.push(m, ws, show_progress=not quiet)
     restored = f", {s.tags_restored} decisions restored as tags" if s.tags_restored else ""
+    restored += f", {s.deleted} deleted in the App (recorded as decisions)" if s.deleted else ""
     return (f"review push: dataset {s.dataset!r}: {s.added} added, {s.updated} updated, {s.unchanged} unchanged, "
             f"{s.not_pushable} without image{restored} ({s.seconds:.1f}s); views: {', '.join(s.views)}")
 
 
 @review_app.command("push")
-def review_push(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt) -> None:
+def review_push(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt,
+                set_: Optional[list[str]] = SetOpt) -> None:
     """Create or update the FiftyOne review dataset; reviewers' tags and corrected labels are never overwritten."""
-    m, ws = open_run(manifest, workdir)
-    typer.echo(do_review_push(m, ws, quiet))
+    m, ws = open_run(manifest, workdir, set_)
+    say(do_review_push(m, ws, quiet))
 
 
 @review_app.command("pull")
-def review_pull(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt) -> None:
+def review_pull(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt,
+                set_: Optional[list[str]] = SetOpt) -> None:
     """Read reviewers' accept / reject / relabel decisions into the catalog (idempotent)."""
     from curation import review
 
-    m, ws = open_run(manifest, workdir)
-    try:
-        s = review.pull(m, ws)
-    except review.ReviewError as exc:
-        fail(str(exc))
+    m, ws = open_run(manifest, workdir, set_)
+    s = review.pull(m, ws)
     problems = "".join(f", {n} {k.replace('_', ' ')}" for k, n in sorted(s.problems.items()))
     cleared = f", {s.cleared} taken back" if s.cleared else ""
+    cleared += f", {s.deleted} deleted in the App" if s.deleted else ""
     headline = (f"review pull: {s.reviewed} reviewed of {s.samples}: {s.accepted} accepted ({s.relabelled} relabelled), "
                 f"{s.rejected} rejected{cleared}{problems}; {s.changed} catalog rows changed")
     if s.calibration:
@@ -173,15 +315,13 @@ def review_pull(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirO
 
 
 @review_app.command("status")
-def review_status(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt) -> None:
+def review_status(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt,
+                  set_: Optional[list[str]] = SetOpt) -> None:
     """Review progress per class (live from the dataset, decisions not yet pulled included)."""
     from curation import review
 
-    m, ws = open_run(manifest, workdir)
-    try:
-        df = review.status(m, ws)
-    except review.ReviewError as exc:
-        fail(str(exc))
+    m, ws = open_readonly(manifest, workdir, set_)
+    df = review.status(m, ws)
     table = report.frame_table(df, f"review progress: {review.dataset_name(m)}")
     # Ten columns: on a narrow terminal squeeze the headers, never the class names.
     table.columns[0].no_wrap = True
@@ -190,18 +330,17 @@ def review_status(manifest: Path = ManifestOpt, workdir: Optional[Path] = Workdi
 
 
 @review_app.command("calibrate")
-def review_calibrate(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt) -> None:
+def review_calibrate(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt,
+                     set_: Optional[list[str]] = SetOpt) -> None:
     """Compare the automatic CLIP decisions with reviewers' and find the threshold that matches them best."""
     from curation import review
 
-    m, ws = open_run(manifest, workdir)
-    c = review.calibrate(m, ws)
-    if c is None:
-        fail("no reviewed image with a CLIP score yet: review some images, then `jurassiclass review pull`")
+    m, ws = open_run(manifest, workdir, set_)
+    c = review.calibrate(m, ws)  # raises NothingToCalibrate saying why (nothing reviewed, or scores skipped)
     report.console.print(report.frame_table(c.table.with_columns(pl.col(pl.Float64).round(3)), "CLIP vs reviewers"))
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
-    typer.echo(f"threshold now: {fmt(c.current_threshold)}; best F1 against reviewers: {fmt(c.best_threshold)}")
-    typer.echo(f"wrote {c.markdown} and {c.png}")
+    say(f"threshold now: {fmt(c.current_threshold)}; best F1 against reviewers: {fmt(c.best_threshold)}")
+    say(f"wrote {c.markdown} and {c.png}")
 
 
 @review_app.command("app")
@@ -211,14 +350,15 @@ def review_launch(
     port: Optional[int] = typer.Option(None, help="port (default: review.port, 5151)"),
     address: Optional[str] = typer.Option(None, help="loopback address to bind (default: review.address)"),
     view: Optional[str] = typer.Option(None, help="open this saved view, e.g. not-reviewed"),
+    set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Serve the FiftyOne App on 127.0.0.1 with the review dataset and its saved views; Ctrl-C stops it."""
     from curation import review
 
-    m, ws = open_run(manifest, workdir)
+    m, ws = open_readonly(manifest, workdir, set_)
     try:
         review.launch_app(m, ws, port=port, address=address, view=view, echo=typer.echo)
-    except (review.ReviewError, ValueError) as exc:
+    except ValueError as exc:  # a non-loopback address or an unknown view
         fail(str(exc))
 
 
@@ -235,9 +375,10 @@ def do_dedup(m: Manifest, ws: Workspace, quiet: bool) -> str:
 
 
 @app.command()
-def dedup(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt) -> None:
+def dedup(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt,
+          set_: Optional[list[str]] = SetOpt) -> None:
     """Mark exact and perceptual duplicates across all classes (nothing is deleted)."""
-    m, ws = open_run(manifest, workdir)
+    m, ws = open_run(manifest, workdir, set_)
     finish(ws, do_dedup(m, ws, quiet))
 
 
@@ -246,30 +387,27 @@ def do_publish(m: Manifest, ws: Workspace, quiet: bool, *, out: Path | None = No
     """Publish (and push); ``soft``: nothing to publish yet is a summary line, not an error (for `run`)."""
     from curation import publish as pub
 
-    try:
-        s = pub.run(m, ws, show_progress=not quiet) if soft else pub.publish(m, ws, out=out, dry_run=dry_run, show_progress=not quiet)
-        if s.skipped:
-            return s.line()
-        if not quiet:
-            report.console.print(report.frame_table(pl.DataFrame(s.per_class), "published images per class and split"))
-        for w in s.warnings:
-            typer.secho(f"warning: {w}", fg="yellow", err=True)
-        line = s.line()
+    s = pub.run(m, ws, show_progress=not quiet) if soft else pub.publish(m, ws, out=out, dry_run=dry_run, show_progress=not quiet)
+    if s.skipped:
+        return s.line()
+    if not quiet:
+        report.console.print(report.frame_table(pl.DataFrame(s.per_class), "published images per class and split"))
+    for w in s.warnings:
+        typer.secho(f"warning: {w}", fg="yellow", err=True)
+    line = s.line()
+    if dry_run and s.changed:
+        line += "\nwould write: " + ", ".join(f"{f['path']} ({f['bytes']:,} B)" for f in s.files)
+    if push:
         if dry_run and s.changed:
-            line += "\nwould write: " + ", ".join(f"{f['path']} ({f['bytes']:,} B)" for f in s.files)
-        if push:
-            if dry_run and s.changed:
-                line += f"\nwould push v{s.version} to {push} ({sum(f['bytes'] for f in s.files):,} bytes)"
+            line += f"\nwould push v{s.version} to {push} ({sum(f['bytes'] for f in s.files):,} bytes)"
+        else:
+            r = pub.push(m, ws, repo_id=push, revision=revision, dry_run=dry_run)
+            if r.get("dry_run"):
+                line += f"\nwould push {r['tag']} to {r['repo_id']}@{r['revision']}: {r['files']} files, {r['bytes']:,} bytes"
+            elif r.get("already"):
+                line += f"\n{r['tag']} is already on {r['repo_id']}@{r['revision']} (commit {r.get('commit')})"
             else:
-                r = pub.push(m, ws, repo_id=push, revision=revision, dry_run=dry_run)
-                if r.get("dry_run"):
-                    line += f"\nwould push {r['tag']} to {r['repo_id']}@{r['revision']}: {r['files']} files, {r['bytes']:,} bytes"
-                elif r.get("already"):
-                    line += f"\n{r['tag']} is already on {r['repo_id']}@{r['revision']} (commit {r.get('commit')})"
-                else:
-                    line += f"\npushed {r['tag']} to {r['repo_id']}@{r['revision']}: {r['files']} files, commit {r['commit']}"
-    except pub.PublishError as exc:
-        fail(str(exc))
+                line += f"\npushed {r['tag']} to {r['repo_id']}@{r['revision']}: {r['files']} files, commit {r['commit']}"
     return line
 
 
@@ -282,32 +420,149 @@ def publish(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch to push to (default: publish.revision, else main)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show what would be published and uploaded; write nothing"),
     quiet: bool = QuietOpt,
+    set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Publish accepted images as a versioned Hugging Face dataset (parquet + card), optionally pushed to the Hub."""
-    m, ws = open_run(manifest, workdir)
-    typer.echo(do_publish(m, ws, quiet, out=out, push=push or None, revision=revision, dry_run=dry_run))
+    m, ws = open_run(manifest, workdir, set_)
+    say(do_publish(m, ws, quiet, out=out, push=push or None, revision=revision, dry_run=dry_run))
     typer.echo(workspace_line(ws))
 
 
+# ---------------------------------------------------------------- run: every stage, topping classes up
+
+RUN_STAGES = ("ingest", "scrape", "dedup", "score", "review-push", "publish")  # flows.stages.BUILD's names
+TOP_UP_STAGES = ("scrape", "dedup", "score")  # a round: fetch more, then drop what duplicates or CLIP remove
+
+
+def select_stages(only: list[str] | None, skip: list[str] | None, start: str | None) -> list[str]:
+    """The stages `run` runs, in pipeline order; names may also be given comma-separated."""
+    split = lambda vals: [n.strip() for v in vals or () for n in v.split(",") if n.strip()]  # noqa: E731
+    only_, skip_ = split(only), split(skip)
+    unknown = sorted(set(only_ + skip_ + ([start] if start else [])) - set(RUN_STAGES))
+    if unknown:
+        fail(f"unknown stage(s) {', '.join(unknown)}: stages are {', '.join(RUN_STAGES)}")
+    if only_ and (skip_ or start):
+        fail("--only cannot be combined with --skip or --from")
+    chosen = set(only_) if only_ else set(RUN_STAGES[RUN_STAGES.index(start):] if start else RUN_STAGES)
+    steps = [s for s in RUN_STAGES if s in chosen and s not in skip_]
+    if not steps:
+        fail("no stage left to run")
+    return steps
+
+
+def stored(m: Manifest, ws: Workspace) -> dict[str, int]:
+    """Catalog rows per class, any status: what the sources have given so far."""
+    df = catalog.read(ws)
+    counts = dict(df.group_by("label").len().iter_rows()) if df.height else {}
+    return {c: counts.get(c, 0) for c in m.class_names}
+
+
+def targets_report(m: Manifest, ws: Workspace, why: dict[str, str], default_why: str) -> tuple[pl.DataFrame, str]:
+    """Per class: target, images that count (not rejected), shortfall and outcome; plus a one-line summary."""
+    from curation.scrape import live_counts
+
+    have = live_counts(ws)
+    rows = []
+    for c in m.class_names:
+        target, n = m.target_for(c), have[c]
+        rows.append({"label": c, "target": target, "images": n, "short": max(0, target - n),
+                     "outcome": "met" if n >= target else f"short: {why.get(c, default_why)}"})
+    df = pl.DataFrame(rows, schema={"label": pl.Utf8, "target": pl.Int64, "images": pl.Int64, "short": pl.Int64,
+                                    "outcome": pl.Utf8})
+    short = [r for r in rows if r["short"]]
+    line = f"targets: {len(rows) - len(short)} of {len(rows)} classes met"
+    if short:
+        line += "; " + "; ".join(f"{r['label']} {r['images']}/{r['target']} ({r['outcome']})" for r in short)
+    return df, line
+
+
+EXHAUSTED = "sources exhausted"
+STALLED = "a round added nothing (failed downloads? see stages/scrape/summary.json; run again later)"
+
+
+def top_up(m: Manifest, ws: Workspace, steps: list[str], rounds: int, call: dict, lines: list[str],
+           first: ScrapeSummary) -> dict[str, str]:
+    """Rounds 2..`rounds` of scrape -> dedup -> score while classes are short of their targets; a
+    class leaves the loop once its sources are exhausted, and the loop ends when a round stores
+    nothing new for any short class. Returns why each class that stopped early is short."""
+    from curation.scrape import shortfall
+
+    why = {c: EXHAUSTED for c in first.exhausted}
+    for r in range(2, rounds + 1):
+        short = {c for c, n in shortfall(m, ws).items() if n} - set(why)
+        if not short:
+            break
+        before = stored(m, ws)
+        s = call["scrape"]()
+        lines.append(f"round {r}: {s.line()}")
+        why.update({c: EXHAUSTED for c in s.exhausted})
+        if all(stored(m, ws)[c] == before[c] for c in short):
+            why.update({c: STALLED for c in short - set(why)})
+            break
+        for st in ("dedup", "score"):
+            if st in steps:
+                lines.append(f"round {r}: {call[st]()}")
+    return why
+
+
 @app.command()
-def run(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt) -> None:
-    """Run every stage in order on the manifest."""
-    m, ws = open_run(manifest, workdir)
-    lines = []
-    if m.sources_of(FolderSource):
-        lines.append(do_ingest(m, ws, quiet))
+def run(
+    manifest: Path = ManifestOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    quiet: bool = QuietOpt,
+    only: Optional[list[str]] = typer.Option(None, "--only", metavar="STAGE", help=f"run only these stages (repeatable): {', '.join(RUN_STAGES)}"),
+    skip: Optional[list[str]] = typer.Option(None, "--skip", metavar="STAGE", help="leave these stages out (repeatable)"),
+    start: Optional[str] = typer.Option(None, "--from", metavar="STAGE", help="start at this stage"),
+    device: Optional[str] = DeviceOpt,
+    rounds: int = typer.Option(3, "--rounds", min=1, help="at most this many scrape -> dedup -> score rounds to reach the targets"),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Run every stage in order on the manifest, topping classes up until their targets are met or the sources run dry.
+
+    Dedup and CLIP remove images after scrape has counted them, so classes can end short: while a
+    class is short, `run` scrapes, dedups and scores again (at most --rounds rounds, and no further
+    once a round brings nothing new); the report says per class: met, or short and why.
+    """
     from curation.scrape import has_web_sources
 
-    if has_web_sources(m):
-        lines.append(do_scrape(m, ws, quiet))
-    lines.append(do_dedup(m, ws, quiet))
-    lines.append(do_score(m, ws, quiet))
-    if m.review.push_in_run:
-        lines.append(do_review_push(m, ws, quiet))
-    lines.append(do_publish(m, ws, quiet, soft=True))
-    for line in lines:
-        typer.echo(line)
-    finish(ws, f"run of {m.name} complete")
+    steps = select_stages(only, skip, start)
+    m, ws = open_run(manifest, workdir, set_)
+    applies = {"ingest": bool(m.sources_of(FolderSource)), "scrape": has_web_sources(m),
+               # --only review-push asks for it by name; otherwise the manifest decides
+               "review-push": m.review.push_in_run or bool(only)}
+    steps = [s for s in steps if applies.get(s, True)]
+
+    call = {  # scrape returns its summary: the top-up loop reads which classes it found exhausted
+        "ingest": lambda: do_ingest(m, ws, quiet), "scrape": lambda: scrape_summary(m, ws, quiet),
+        "dedup": lambda: do_dedup(m, ws, quiet), "score": lambda: do_score(m, ws, quiet, device),
+        "review-push": lambda: do_review_push(m, ws, quiet), "publish": lambda: do_publish(m, ws, quiet, soft=True),
+    }
+    lines: list[str] = []
+    try:
+        first = None
+        for st in [s for s in steps if s in ("ingest", *TOP_UP_STAGES)]:
+            out = call[st]()
+            if st == "scrape":
+                first, out = out, out.line()
+            lines.append(out)
+        if first is not None:
+            why, default_why = top_up(m, ws, steps, rounds, call, lines, first), f"stopped after {rounds} round(s)"
+        elif not has_web_sources(m):  # folder trees are ingested whole: nothing more to fetch
+            why, default_why = {}, EXHAUSTED
+        else:
+            why, default_why = {}, "scrape not run"
+        if any(s in steps for s in ("ingest", *TOP_UP_STAGES)):
+            table, line = targets_report(m, ws, why, default_why)
+            if not quiet:
+                report.console.print(report.frame_table(table, "run: images per class vs target"))
+            lines.append(line)
+        for st in [s for s in steps if s in ("review-push", "publish")]:
+            lines.append(call[st]())
+    finally:
+        # On failure too: the finished stages' summaries, then the handler's one error line.
+        for line in lines:
+            say(line)
+    finish(ws, f"run of {m.name} complete ({', '.join(steps)})")
 
 
 # ---------------------------------------------------------------- train / predict (models/)
@@ -316,13 +571,8 @@ def run(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quie
 def do_train(m: Manifest, ws: Workspace, dataset: str | None, experiment: str | None,
              models: list[str] | None = None) -> str:
     from models import run as train_run
-    from models.data import DatasetUnavailable
-    from models.factory import WeightsUnavailable
 
-    try:
-        s = train_run.run(m, ws, dataset=dataset, experiment=experiment, models=models or None)
-    except (WeightsUnavailable, DatasetUnavailable, train_run.TrainSetupError) as exc:
-        fail(str(exc))
+    s = train_run.run(m, ws, dataset=dataset, experiment=experiment, models=models or None)
     report.console.print(report.frame_table(train_run.table(s), f"train {s.experiment}: {s.folds} published folds"))
     if s.label_issues:
         typer.echo(f"{s.label_issues} label-issue candidates in the catalog (label_issue, oof_*): "
@@ -337,10 +587,11 @@ def train(
     experiment: Optional[str] = typer.Option(None, help="output folder name under WORKDIR/models (default: v<N>-<time>)"),
     dataset: Optional[str] = typer.Option(None, help="published folder or Hub ORG/NAME[@REV] (default: the latest WORKDIR/published/v<N>)"),
     model: Optional[list[str]] = typer.Option(None, "--model", help="train only these train.models names (repeatable)"),
+    set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Cross-validate and train the manifest's models on the published dataset; evaluate once on its test split."""
-    m, ws = open_run(manifest, workdir)
-    typer.echo(do_train(m, ws, dataset, experiment, model))
+    m, ws = open_run(manifest, workdir, set_)
+    say(do_train(m, ws, dataset, experiment, model))
 
 
 @app.command()
@@ -355,10 +606,7 @@ def predict(
 
     if backend not in ("torch", "onnx"):
         fail(f"--backend must be torch or onnx, not {backend!r}")
-    try:
-        results = export.predict(model, images, top_k=top_k, backend=backend)
-    except export.ModelNotFound as exc:
-        fail(str(exc))
+    results = export.predict(model, images, top_k=top_k, backend=backend)
     if not results:
         fail("no image files given")
     for r in results:
@@ -375,22 +623,13 @@ models_app = typer.Typer(help="The workspace's model registry: trained models, t
 app.add_typer(models_app, name="models")
 
 
-def _registry_ws(manifest: Path, workdir: Path | None) -> tuple[Manifest, Workspace]:
-    # Read-only views need the workspace, not a new resolved-manifest file.
-    try:
-        m = load_manifest(manifest)
-    except ManifestError as exc:
-        fail(str(exc))
-    root = workdir or m.workdir or Path("workspaces") / m.name
-    return m, Workspace(root)
-
-
 @models_app.command("list")
-def models_list(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt) -> None:
+def models_list(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt,
+                set_: Optional[list[str]] = SetOpt) -> None:
     """Every trained model: dataset version, status, held-out metric, which one is promoted."""
     from models import registry
 
-    m, ws = _registry_ws(manifest, workdir)
+    m, ws = open_readonly(manifest, workdir, set_)
     reg = registry.read(ws)
     metric = m.retrain.metric.value
     rows = [{"id": e["id"], "dataset": f"v{e['dataset_version']}", "status": e["status"],
@@ -409,53 +648,47 @@ def models_list(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirO
 
 @models_app.command("show")
 def models_show(entry: str = typer.Argument(..., help="model id, e.g. retrain-002"), manifest: Path = ManifestOpt,
-                workdir: Optional[Path] = WorkdirOpt) -> None:
+                workdir: Optional[Path] = WorkdirOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """One model's registry entry: dataset, metrics, folders, decisions."""
-    import json as _json
-
     from models import registry
 
-    _, ws = _registry_ws(manifest, workdir)
+    _, ws = open_readonly(manifest, workdir, set_)
     reg = registry.read(ws)
-    try:
-        e = registry.get(reg, entry)
-    except registry.RegistryError as exc:
-        fail(str(exc))
-    typer.echo(_json.dumps({**e, "promoted": reg["promoted"] == e["id"],
+    e = registry.get(reg, entry)
+    typer.echo(json.dumps({**e, "promoted": reg["promoted"] == e["id"],
                             "decisions": [d for d in reg["events"] if d["entry"] == entry]}, indent=2, default=str))
 
 
 @models_app.command("promote")
 def models_promote(entry: str = typer.Argument(..., help="model id to promote"), manifest: Path = ManifestOpt,
-                   workdir: Optional[Path] = WorkdirOpt) -> None:
+                   workdir: Optional[Path] = WorkdirOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Promote a trained model by hand (recorded as a person's decision)."""
     from models import registry
 
-    _, ws = _registry_ws(manifest, workdir)
-    try:
-        registry.promote(ws, entry)
-    except registry.RegistryError as exc:
-        fail(str(exc))
+    _, ws = open_readonly(manifest, workdir, set_)
+    registry.promote(ws, entry)
     typer.echo(f"{entry} is now the promoted model")
 
 
 @models_app.command("push")
 def models_push(entry: Optional[str] = typer.Argument(None, help="model id (default: the promoted one)"),
                 manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt,
-                repo: Optional[str] = typer.Option(None, "--repo", help="Hub model repo ORG/NAME (default: retrain.model_repo_id)")) -> None:
+                repo: Optional[str] = typer.Option(None, "--repo", help="Hub model repo ORG/NAME (default: retrain.model_repo_id)"),
+                set_: Optional[list[str]] = SetOpt) -> None:
     """Upload a model with a model card naming its dataset version; token from $HF_TOKEN."""
-    from models import hub, registry
+    from models import hub
 
-    m, ws = _registry_ws(manifest, workdir)
-    try:
-        r = hub.push(m, ws, entry, repo_id=repo)
-    except registry.RegistryError as exc:
-        fail(str(exc))
+    m, ws = open_readonly(manifest, workdir, set_)
+    r = hub.push(m, ws, entry, repo_id=repo)
     typer.echo(f"pushed {r['entry']} to {r['repo_id']} (tag {r['tag']}, commit {r['commit']})")
 
 
-def main() -> None:  # pragma: no cover - console entry point
+def main() -> None:  # pragma: no cover - `python -m curation.cli`
     try:
-        app()
+        app(prog_name="jurassiclass")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

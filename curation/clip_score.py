@@ -13,13 +13,16 @@ image a candidate (reason null) so review sees a suspected wrong label instead o
 (the stored file cannot be decoded) rejects with reason `unreadable`. Images rejected earlier by this
 stage are decided again on every run, so thresholds can change without re-encoding; accepted
 images, images with a human `review_decision`, and images rejected by other stages are never touched.
+Percentile thresholds are computed once per class over a stable population and kept in
+stages/score/percentile_cuts.json (see percentile_cuts), so re-running never rejects a new slice.
 
-Image embeddings are cached per (image_id, model) under stages/score/embeddings/, so a re-run encodes
-only new images and costs only the text side.
+Image embeddings are cached per (image_id, model, device class, precision) under
+stages/score/embeddings/, so a re-run encodes only new images and costs only the text side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,8 +39,10 @@ import polars as pl
 from curation import catalog
 from curation.catalog import Status, Workspace
 from curation.config import ClipPrecision, ClipSettings, ClipThresholds, Manifest, Threshold, ThresholdMode
+from curation.errors import JurassiclassError
+from curation import hub
 from curation.images import open_rgb
-from curation.store import PartsTable
+from curation.store import PartsTable, atomic_write_bytes
 
 STAGE = "score"
 CLIP_COLUMNS: dict[str, pl.DataType] = {
@@ -58,7 +63,7 @@ LIKELY_PREFIX = "likely_"
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
-class ClipSetupError(RuntimeError):
+class ClipSetupError(JurassiclassError, RuntimeError):
     """The CLIP settings cannot work (unknown model or tag, bad checkpoint): always an error."""
 
 
@@ -125,10 +130,21 @@ class ClipModel:
         size = getattr(model.visual, "preprocess_cfg", {}).get("size") or getattr(model.visual, "image_size", 224)
         size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
         scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")[:80]
-        key = f"{slug}-{hashlib.sha1(identity.encode()).hexdigest()[:10]}"
-        return cls(model, preprocess, tokenizer, device, model_id, key, size, _autocast_dtype(precision, device),
-                   min(scale, 100.0))
+        dtype = _autocast_dtype(precision, device)
+        key = embedding_cache_key(model_id, identity, device.type, dtype)
+        return cls(model, preprocess, tokenizer, device, model_id, key, size, dtype, min(scale, 100.0))
+
+
+def embedding_cache_key(model_id: str, identity: str, device_type: str, autocast_dtype: Any) -> str:
+    """Folder name of a model's embedding cache: the weights, the device class and the precision.
+
+    bf16 (8-bit mantissa) on a GPU and fp32 on a CPU give different embeddings for the same image:
+    mixed in one cache, an image's score would depend on which machine happened to encode it first.
+    """
+    precision = "fp32" if autocast_dtype is None else str(autocast_dtype).replace("torch.", "")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")[:80]
+    digest = hashlib.sha1(f"{identity}|{device_type}|{precision}".encode()).hexdigest()[:10]
+    return f"{slug}-{device_type}-{precision}-{digest}"
 
 
 def resolve_device(setting: str) -> str:
@@ -156,25 +172,18 @@ def _autocast_dtype(precision: ClipPrecision, device) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
+    # The whole first line: a message cut mid-word hides the part that says what to do.
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text[0].rstrip('.')}" if text else type(exc).__name__
 
 
-def _hub_offline() -> bool:
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # noqa: BLE001
-        return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def _unavailable(what: str, exc: BaseException | None) -> WeightsUnavailable:
-    why = (
-        "they are not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading"
-        if _hub_offline()
-        else f"downloading them failed ({_first_line(exc) if exc else 'unknown error'})"
-    )
+def _unavailable(what: str, exc: BaseException | None, unreachable: str | None = None) -> WeightsUnavailable:
+    if unreachable:
+        why = f"they are not in the local Hugging Face cache and {unreachable}"
+    elif hub.offline_mode():
+        why = "they are not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading"
+    else:
+        why = f"downloading them failed ({_first_line(exc) if exc else 'unknown error'})"
     return WeightsUnavailable(
         f"CLIP weights {what} cannot be loaded: {why}; provide them by filling the Hugging Face cache "
         "(run once with network, or copy a cache into HF_HOME), by pointing clip.pretrained at a local "
@@ -226,6 +235,7 @@ def load_model(settings: ClipSettings, *, device: str | None = None) -> ClipMode
     name = settings.model
     pretrained = settings.pretrained
     is_tag = False
+    tag_cfg: dict = {}
     if name.startswith("local-dir:"):
         folder = Path(name[len("local-dir:"):])
         if not folder.is_dir() or not (folder / "open_clip_config.json").is_file():
@@ -279,12 +289,16 @@ def load_model(settings: ClipSettings, *, device: str | None = None) -> ClipMode
     # open_clip logs its failures on the root logger; our exception already says it in one sentence.
     quiet = _DropOpenClipRecords()
     logging.getLogger().addFilter(quiet)
+    # Only hub-hosted weights need the probe; a local file never touches the network.
+    remote = (is_tag and bool(tag_cfg.get("hf_hub"))) or name.startswith("hf-hub:")
+    unreachable = None
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device="cpu")
-        tokenizer = open_clip.get_tokenizer(name)
+        with hub.fail_fast() if remote else contextlib.nullcontext() as unreachable:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device="cpu")
+            tokenizer = open_clip.get_tokenizer(name)
     except Exception as exc:  # noqa: BLE001 - classified below into one clear sentence
         if is_tag or name.startswith("hf-hub:"):
-            raise _unavailable(what, exc) from exc
+            raise _unavailable(what, exc, unreachable) from exc
         raise ClipSetupError(f"could not load CLIP model {what}: {_first_line(exc)}") from exc
     finally:
         logging.getLogger().removeFilter(quiet)
@@ -564,8 +578,13 @@ def resolve_threshold(t: Threshold | None, values: np.ndarray) -> float | None:
     return float(np.percentile(values, t.value))
 
 
-def decide(scores: pl.DataFrame, settings: ClipSettings) -> tuple[pl.DataFrame, dict[str, dict[str, float | None]]]:
+def decide(
+    scores: pl.DataFrame, settings: ClipSettings, *, cuts: dict[str, dict[str, float | None]] | None = None
+) -> tuple[pl.DataFrame, dict[str, dict[str, float | None]]]:
     """Decisions for scored images; percentiles are taken within each class.
+
+    ``cuts`` gives the absolute value of percentile thresholds per class and check (the stage passes
+    the stored ones, see percentile_cuts); a percentile not in it is taken over ``scores`` itself.
 
     ``scores`` needs image_id, label, clip_score, clip_margin, clip_real_margin, clip_top_label,
     clip_top_prob. Returns (image_id, clip_decision) and the absolute thresholds used per class.
@@ -579,7 +598,8 @@ def decide(scores: pl.DataFrame, settings: ClipSettings) -> tuple[pl.DataFrame, 
     for (label,), part in scores.group_by(["label"], maintain_order=True):
         th: ClipThresholds = settings.thresholds_for(label)
         cols = {c: part[c].cast(pl.Float64).fill_null(np.nan).to_numpy() for c in set(_CHECK_COLUMN.values())}
-        cut = {k: resolve_threshold(getattr(th, k), cols[_CHECK_COLUMN[k]]) for k in _CHECKS}
+        given = (cuts or {}).get(label, {})
+        cut = {k: given[k] if k in given else resolve_threshold(getattr(th, k), cols[_CHECK_COLUMN[k]]) for k in _CHECKS}
         used[label] = cut
         n = part.height
         off = np.zeros(n, bool)
@@ -605,6 +625,83 @@ def _status_updates(decisions: pl.DataFrame) -> pl.DataFrame:
         pl.when(rejected).then(pl.lit(Status.rejected.value)).otherwise(pl.lit(Status.candidate.value)).alias("status"),
         pl.when(rejected).then(pl.col("clip_decision")).otherwise(pl.lit(None, pl.Utf8)).alias("reason"),
     )
+
+
+# ---------------------------------------------------------------- percentile thresholds
+
+CUTS_FILE = "percentile_cuts.json"
+# Recompute a class's cuts once its population differs from the one they were computed on by more
+# than this fraction of it: a few new images leave them as they are, a doubling does not.
+CUTS_REFRESH = 0.10
+
+
+def percentile_settings_key(manifest: Manifest, label: str, cache_key: str) -> str:
+    """Everything a class's percentile cuts depend on: the weights (and device class/precision),
+    every prompt (the zero-shot probability involves all classes) and the class's percentile settings."""
+    s = manifest.clip
+    th = s.thresholds_for(label)
+    spec = {
+        "model": cache_key,
+        "classes": {c: class_prompts(manifest, c) for c in manifest.class_names},
+        "negative": s.negative_prompts, "realistic": s.realistic_prompts, "unrealistic": s.unrealistic_prompts,
+        "percentiles": {k: getattr(th, k).value for k in _CHECKS
+                        if getattr(th, k) is not None and getattr(th, k).mode is ThresholdMode.percentile},
+    }
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def percentile_cuts(
+    population: pl.DataFrame, settings: ClipSettings, keys: dict[str, str], stored: dict
+) -> tuple[dict[str, dict[str, float | None]], dict]:
+    """Absolute values of the percentile thresholds per class, computed once and kept.
+
+    ``population`` holds the scores of every image of the class this model has scored that no other
+    stage rejected: candidates, accepted and reviewed images and this stage's own rejections alike,
+    so deciding, reviewing or accepting images never moves the cut. ``keys`` is
+    percentile_settings_key per class; ``stored`` what the last run kept. A class's stored cuts are
+    reused while its key is the same and its population size is within CUTS_REFRESH of the size
+    they were computed on; otherwise they are computed again over the whole population.
+    Returns (cuts per class, the store to keep).
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    keep = dict(stored)
+    for label, key in keys.items():
+        th = settings.thresholds_for(label)
+        checks = {k: t for k in _CHECKS if (t := getattr(th, k)) is not None and t.mode is ThresholdMode.percentile}
+        if not checks:
+            keep.pop(label, None)
+            continue
+        part = population.filter(pl.col("label") == label)
+        n = part.height
+        old = stored.get(label)
+        fresh = isinstance(old, dict) and old.get("key") == key and isinstance(old.get("cuts"), dict)
+        if fresh and old.get("n", 0) > 0 and abs(n - old["n"]) <= CUTS_REFRESH * old["n"]:
+            out[label] = {k: old["cuts"].get(k) for k in checks}
+            continue
+        cuts = {
+            k: resolve_threshold(t, part[_CHECK_COLUMN[k]].cast(pl.Float64).fill_null(np.nan).to_numpy())
+            for k, t in checks.items()
+        }
+        keep[label] = {"key": key, "n": n, "cuts": cuts, "computed_at": catalog.utcnow().isoformat()}
+        out[label] = cuts
+    return out, keep
+
+
+def _population(df: pl.DataFrame, labels: list[str]) -> pl.Expr:
+    """Images whose scores make up their class's percentile population: stored, of a manifest class,
+    and not rejected by another automatic stage (duplicates and unreadable files are not the class)."""
+    mine = (pl.col("status") != Status.rejected.value) | pl.col("reason").is_in(list(REJECT_REASONS))
+    if "review_decision" in df.columns:
+        mine = mine | pl.col("review_decision").is_not_null()
+    return mine & pl.col("path").is_not_null() & pl.col("label").is_in(labels)
+
+
+def _load_cuts(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):  # none yet, or unreadable: compute again
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------- embedding cache
@@ -797,10 +894,13 @@ def score_workspace(manifest: Manifest, ws: Workspace, clip: ClipModel, *, show_
     ).height
     todo = df.filter(_eligible(df, labels)).select("image_id", "label", "path")
     ids = todo["image_id"].to_list()
+    pop = df.filter(_population(df, labels)).select("image_id", "label")
 
     cache = EmbeddingCache(ws.stage_dir(STAGE) / "embeddings" / clip.cache_key)
-    have = cache.load(ids)
-    summary.cached = len(have)
+    # Images this stage no longer decides (accepted, reviewed) still count in the percentile population.
+    id_set = set(ids)
+    have = cache.load(ids + [i for i in pop["image_id"].to_list() if i not in id_set])
+    summary.cached = sum(i in have for i in ids)
     missing = [i for i in ids if i not in have]
     path_of = dict(zip(ids, todo["path"].to_list()))
     errors: dict[str, str] = {}
@@ -831,9 +931,9 @@ def score_workspace(manifest: Manifest, ws: Workspace, clip: ClipModel, *, show_
         cache.compact()
     summary.failed = len(errors)
 
-    scored_ids = [i for i in ids if i in have]
+    label_of = dict(zip(pop["image_id"].to_list(), pop["label"].to_list())) | dict(zip(ids, todo["label"].to_list()))
+    scored_ids = [i for i in dict.fromkeys([*ids, *pop["image_id"].to_list()]) if i in have]
     bank = build_text_bank(clip, manifest)
-    label_of = dict(zip(ids, todo["label"].to_list()))
     if scored_ids:
         emb = np.stack([have[i] for i in scored_ids])
         lab = np.array([labels.index(label_of[i]) for i in scored_ids])
@@ -847,16 +947,26 @@ def score_workspace(manifest: Manifest, ws: Workspace, clip: ClipModel, *, show_
 
     with catalog.locked(ws):
         df = catalog.ensure_columns(catalog.read(ws), CLIP_COLUMNS)
+        population = scores.filter(pl.col("image_id").is_in(df.filter(_population(df, labels))["image_id"].implode()))
+        cuts_path = ws.stage_dir(STAGE) / CUTS_FILE
+        keys = {c: percentile_settings_key(manifest, c, clip.cache_key) for c in labels}
+        cuts, kept = percentile_cuts(population, s, keys, _load_cuts(cuts_path))
+        atomic_write_bytes(cuts_path, json.dumps(kept, indent=2, sort_keys=True).encode())
         # Re-check eligibility on the fresh catalog: a reviewer may have decided meanwhile.
         still = df.filter(_eligible(df, labels))["image_id"].implode()
         scores = scores.filter(pl.col("image_id").is_in(still))
-        decisions, used = decide(scores, s)
+        decisions, used = decide(scores, s, cuts=cuts)
         upd = scores.drop("label").join(_status_updates(decisions), on="image_id").with_columns(
             pl.lit(clip.model_id).alias("clip_model")
         )
         bad = pl.DataFrame(
             {"image_id": list(errors), "note": list(errors.values())}, schema={"image_id": pl.Utf8, "note": pl.Utf8}
         ).filter(pl.col("image_id").is_in(still))
+        # Keep what normalisation noted (exif-rotated, cmyk->rgb): it may be why the file fails now.
+        prior = df.select("image_id", pl.col("note").alias("_prior"))
+        bad = bad.join(prior, on="image_id", how="left").with_columns(
+            pl.concat_str([pl.col("_prior"), pl.lit("clip: ") + pl.col("note")], separator="; ", ignore_nulls=True).alias("note")
+        ).drop("_prior")
         bad = bad.with_columns(
             pl.lit(ERROR).alias("clip_decision"), pl.lit(clip.model_id).alias("clip_model"),
             pl.lit(Status.rejected.value).alias("status"), pl.lit("unreadable").alias("reason"),

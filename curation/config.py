@@ -10,8 +10,10 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from curation.errors import JurassiclassError
 
-class ManifestError(ValueError):
+
+class ManifestError(JurassiclassError, ValueError):
     """A manifest that cannot be used; the message names the file and the offending field."""
 
 
@@ -119,6 +121,9 @@ class SearchEngineSource(_Strict):
     endpoint: str | None = Field(
         None, description="base URL that replaces the engine's scheme://host for its search requests (mirrors, tests)"
     )
+    request_interval_s: float = Field(
+        1.0, ge=0, description="Flickr: pause between API calls (a key allows 3,600 calls an hour)"
+    )
 
 
 class LicensedApiSource(_Strict):
@@ -173,6 +178,11 @@ class ScrapeSettings(_Strict):
         False, description="fetch URLs that resolve to loopback/private/link-local addresses (local mirrors, tests)"
     )
     user_agent: str = "jurassiclass/0.1 (dataset curation; +https://github.com/jurassiclass)"
+    host_concurrency: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: {"upload.wikimedia.org": 2},
+        description="per-host caps below per_host_concurrency (host name -> concurrent requests); sources "
+        "enforce their hosts' published caps (upload.wikimedia.org: 2) whatever is set here",
+    )
 
 
 class HashKind(str, Enum):
@@ -190,11 +200,34 @@ class DedupSettings(_Strict):
         0.8, ge=-1.0, le=1.0,
         description="second signal: a near pair also needs this correlation of 8x8 and 16x16 grey thumbnails (guards low-texture images)",
     )
+    strong_bits: int = Field(
+        6, ge=0, le=32,
+        description="hash pairs within this many bits that pass the thumbnail guard are accepted without geometric verification",
+    )
+    regions: bool = Field(
+        True, description="candidate family: hashes of the central 90%/80% and of the mirrored picture, searched across scales (crops, borders, flips)"
+    )
+    layout: bool = Field(True, description="candidate family: nearest grey-thumbnail layouts, direct and mirrored (crops, flips)")
+    layout_min_corr: float = Field(0.5, ge=-1.0, le=1.0, description="layout family: min correlation of 8x8 thumbnails")
+    mirror_min_corr: float = Field(
+        0.8, ge=-1.0, le=1.0, description="layout family, mirrored queries (flips): min correlation of 8x8 thumbnails"
+    )
+    layout_k: int = Field(8, ge=1, le=64, description="layout family: neighbours searched per image (and per mirrored image)")
+    embeddings: bool = Field(True, description="candidate family: CLIP embedding neighbours, when the score stage has cached embeddings")
+    embedding_min_cos: float = Field(0.9, ge=-1.0, le=1.0, description="embedding family: min cosine similarity")
+    embedding_k: int = Field(8, ge=1, le=64, description="embedding family: neighbours searched per image")
+    min_inliers: int = Field(
+        20, ge=4, description="geometric verification: ORB matches consistent with one similarity transform (RANSAC) to accept a pair"
+    )
+    leak_check: bool = Field(True, description="flag new images that near-duplicate a published test image (column leak_of)")
+    contact_sheet_groups: int = Field(12, ge=0, description="largest groups drawn in stages/dedup/contact_sheet.png (0: none)")
 
 
 class ThresholdMode(str, Enum):
     absolute = "absolute"
-    percentile = "percentile"  # computed within each class, over the images this stage scores
+    # Within each class, over every image of it the model scored that no other stage rejected;
+    # computed once and kept (stages/score/percentile_cuts.json) until settings change or the class grows >10%.
+    percentile = "percentile"
 
 
 class Threshold(_Strict):
@@ -703,10 +736,35 @@ def parse_manifest(data: object, *, origin: str = "<manifest>", base_dir: Path |
     return m
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` merged in: mappings merge key by key, anything else (lists too) replaces."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+_SET_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    """``["scrape.target_per_class=50", "clip.device=cuda"]`` -> nested overrides for `load_manifest`.
+
+    Values are YAML (``50`` an int, ``true`` a bool, ``[a, b]`` a list, ``null``); later items win.
+    """
+    out: dict = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not _SET_KEY_RE.match(key):
+            raise ManifestError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. scrape.target_per_class=50")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # not YAML: the literal text
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        out = deep_merge(out, value)
     return out
 
 
@@ -723,7 +781,7 @@ def load_manifest(path: str | Path, overrides: dict | None = None) -> Manifest:
     if overrides:
         if not isinstance(data, dict):
             raise ManifestError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
         origin = f"{path} (with overrides {overrides})"
     return parse_manifest(data, origin=origin, base_dir=path.resolve().parent)
 

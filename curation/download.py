@@ -1,8 +1,8 @@
 """A URL and limits in, the response bytes or a failure reason out: a polite, bounded HTTP fetcher.
 
 Thread-safe; call `fetch` from as many threads as you like. Per host it caps concurrent
-requests and, after a 429/420/503 (Retry-After honoured) or other transient failure, pauses
-that host for everyone. Bodies are streamed and cut off at `max_bytes`; each attempt has a
+requests (`per_host_concurrency`, lower for hosts named in `host_limits`) and, after a
+429/420/503 (Retry-After honoured) or other transient failure, pauses that host for everyone. Bodies are streamed and cut off at `max_bytes`; each attempt has a
 wall-clock deadline (a server trickling bytes cannot hold a thread forever). Only http and
 https, a bounded number of redirects. What the bytes are is decided later by sniffing them
 (`curation.images.normalise`), never from the URL or Content-Type.
@@ -17,6 +17,7 @@ import random
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -100,6 +101,7 @@ class Downloader:
         user_agent: str = "jurassiclass",
         pool_size: int = 16,
         allow_private: bool = False,
+        host_limits: dict[str, int] | None = None,
     ):
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
@@ -116,20 +118,27 @@ class Downloader:
         self.allow_private = allow_private
         self._verdicts: dict[str, str | None] = {}
         self._stop = threading.Event()
+        # host name -> concurrent requests, for hosts that publish a cap below per_host_concurrency
+        self.host_limits = {h.lower(): max(1, int(n)) for h, n in (host_limits or {}).items()}
+        self.api_calls: Counter = Counter()  # host name -> JSON API requests made (get_json), for budgets
 
     def stop(self) -> None:
         """Make in-flight and later fetches return "cancelled" at their next wait (Ctrl-C, shutdown)."""
         self._stop.set()
 
     @classmethod
-    def from_settings(cls, scrape, images) -> "Downloader":
-        """From a manifest's ScrapeSettings and ImageSettings."""
+    def from_settings(cls, scrape, images, enforced: dict[str, int] | None = None) -> "Downloader":
+        """From a manifest's ScrapeSettings and ImageSettings; ``enforced``: hosts' own caps, which the
+        manifest may lower but not raise."""
+        limits = dict(scrape.host_concurrency)
+        for host, cap in (enforced or {}).items():
+            limits[host] = min(cap, limits.get(host, cap))
         return cls(
             timeout_s=scrape.timeout_s, max_bytes=images.max_bytes, retries=scrape.retries,
             per_host_concurrency=scrape.per_host_concurrency, backoff_s=scrape.backoff_s,
             max_backoff_s=scrape.max_backoff_s, max_redirects=scrape.max_redirects,
             user_agent=scrape.user_agent, pool_size=max(scrape.concurrency, scrape.per_host_concurrency),
-            allow_private=scrape.allow_private_networks,
+            allow_private=scrape.allow_private_networks, host_limits=limits,
         )
 
     @property
@@ -145,11 +154,12 @@ class Downloader:
                     )
         return self._pm
 
-    def _host(self, netloc: str) -> _Host:
+    def _host(self, netloc: str, hostname: str) -> _Host:
         with self._hosts_lock:
             h = self._hosts.get(netloc)
             if h is None:
-                h = self._hosts[netloc] = _Host(self.per_host_concurrency)
+                limit = min(self.per_host_concurrency, self.host_limits.get(hostname.lower(), self.per_host_concurrency))
+                h = self._hosts[netloc] = _Host(limit)
             return h
 
     def _backoff(self, attempt: int) -> float:
@@ -168,7 +178,7 @@ class Downloader:
             return Fetched(url, reason="bad_scheme", detail=f"scheme {parts.scheme!r} is not http(s)")
         if not hostname:
             return Fetched(url, reason="bad_url", detail="no host")
-        host = self._host(parts.netloc.lower())
+        host = self._host(parts.netloc.lower(), hostname)
         limit = max_bytes or self.max_bytes
         last = Fetched(url, reason="connection_error")
         for attempt in range(self.retries + 1):
@@ -294,6 +304,8 @@ class Downloader:
     def get_json(self, url: str, params: dict | None = None, *, max_bytes: int = 50_000_000) -> tuple[object | None, Fetched]:
         """(parsed JSON or None, the fetch outcome) for API pages."""
         res = self.fetch(url, params=params, max_bytes=max_bytes, headers={"Accept": "application/json"})
+        with self._hosts_lock:  # every attempt counts against an API's budget, retries too
+            self.api_calls[(urlsplit(url).hostname or "").lower()] += res.attempts
         if not res.ok:
             return None, res
         try:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# We enforce our own pixel limit before decoding; Pillow's global one would raise mid-stage.
-Image.MAX_IMAGE_PIXELS = None
+# Pillow's own bomb guard (Image.MAX_IMAGE_PIXELS) stays on for the whole process: other code that
+# opens images (training loaders, FiftyOne) keeps it. The manifest's `images.max_pixels` is checked
+# explicitly on the header below; Pillow's hard limit (twice its MAX_IMAGE_PIXELS) still applies on top.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # Formats we store as they are when nothing needs fixing; anything else is re-encoded.
@@ -75,6 +76,9 @@ def _check_header(data: bytes, *, min_side: int, max_pixels: int) -> tuple[Image
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         return Rejected("not_an_image", "unrecognised bytes")
+    except Image.DecompressionBombError as exc:
+        # Above Pillow's hard limit, whatever the manifest allows: still a property of this file.
+        return Rejected("decompression_bomb", str(exc).split(", could be")[0] + " (Pillow's hard limit)")
     except Exception as exc:  # noqa: BLE001 - any parser failure is a property of this file
         return Rejected("corrupt", f"{type(exc).__name__}: {exc}")
     w, h = im.size

@@ -8,11 +8,9 @@ skipped silently. Re-ingesting the same tree adds nothing.
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
 
 from curation import catalog
 from curation.catalog import Status, Workspace

@@ -41,6 +41,7 @@ import polars as pl
 from curation import catalog, splits
 from curation.catalog import Status, Workspace
 from curation.config import Manifest, PublishInclude
+from curation.errors import JurassiclassError
 from curation.licenses import publish_refusal
 
 # Catalog columns this stage writes: where each image went in the latest version that held it.
@@ -63,7 +64,7 @@ PROVENANCE: dict[str, str] = {
 _ROW_GROUP = 100  # images per parquet row group: what the Hub's viewer and `datasets` stream well
 
 
-class PublishError(RuntimeError):
+class PublishError(JurassiclassError, RuntimeError):
     """A dataset that cannot be published as asked (nothing to publish, an empty split, a bad push)."""
 
 
@@ -88,6 +89,7 @@ class PublishSummary:
     dry_run: bool = False
     seconds: float = 0.0
     skipped: str | None = None  # why nothing was published (no qualifying image yet)
+    catalog_version: int | None = None  # the catalog version the rows were read from
 
     def line(self) -> str:
         if self.skipped:
@@ -184,10 +186,16 @@ def assign_splits(m: Manifest, rows: pl.DataFrame, prev: dict | None) -> tuple[p
     when the previous version used the same split settings."""
     rows = rows.with_columns(pl.coalesce("dup_group", "image_id").alias("group"))
     same = prev is not None and prev.get("assignment") == _assignment_settings(m)
+    prior = rows["split"].to_list() if same else [None] * rows.height
+    # A near copy of a published test image (dedup's `leak_of`) goes to test with its group,
+    # never to train: kept rather than dropped, so a copy that replaced its original as the
+    # group's representative still holds that picture's place in test.
+    if "leak_of" in rows.columns:
+        prior = ["test" if leak is not None else p for p, leak in zip(prior, rows["leak_of"].to_list())]
     a = splits.assign(
         rows["label"].to_list(), rows["group"].to_list(),
         sizes=m.publish.splits.as_dict(), folds=m.publish.folds, seed=m.publish.seed,
-        prior_split=rows["split"].to_list() if same else None,
+        prior_split=prior,
         prior_fold=rows["fold"].to_list() if same else None,
         class_order=m.class_names,
     )
@@ -313,7 +321,7 @@ def _size_category(n: int) -> str:
 
 def write_folder(m: Manifest, ws: Workspace, rows: pl.DataFrame, folder: Path, *, version: int, digest: str,
                  left_out: dict[str, int], warnings: list[str], diff_counts: dict[str, int],
-                 show_progress: bool = True) -> list[dict]:
+                 catalog_version: int | None = None, show_progress: bool = True) -> list[dict]:
     """Write the dataset folder (shards, card, attribution, plots, publish.json); returns its files."""
     from curation import card, progress
 
@@ -343,7 +351,7 @@ def write_folder(m: Manifest, ws: Workspace, rows: pl.DataFrame, folder: Path, *
     for _ in it:  # finish the bar (and its observer) even when the loop above was exact
         pass
     card.write(m, ws, rows, folder, version=version, digest=digest, shards=shards, features=feats,
-               left_out=left_out, warnings=warnings, diff_counts=diff_counts)
+               left_out=left_out, warnings=warnings, diff_counts=diff_counts, catalog_version=catalog_version)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     return [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size} for p in files]
 
@@ -351,15 +359,16 @@ def write_folder(m: Manifest, ws: Workspace, rows: pl.DataFrame, folder: Path, *
 # ---------------------------------------------------------------- the stage
 
 
-def _catalog_read(ws: Workspace) -> pl.DataFrame:
-    return catalog.ensure_columns(catalog.read(ws), {**_UPSTREAM, **COLUMNS})
+def _catalog_read(ws: Workspace, version: int | None = None) -> pl.DataFrame:
+    return catalog.ensure_columns(catalog.read(ws, version=version), {**_UPSTREAM, **COLUMNS})
 
 
 def publish(m: Manifest, ws: Workspace, *, out: str | Path | None = None, dry_run: bool = False,
             show_progress: bool = True) -> PublishSummary:
     """Publish the catalog as the next dataset version, or nothing when it has not changed."""
     t0 = time.monotonic()
-    df = _catalog_read(ws)
+    catalog_version = catalog.version(ws)  # read that version, not "latest": a stage may commit meanwhile
+    df = _catalog_read(ws, catalog_version)
     rows, dropped = select(m, df)
     left_out = dict(dropped.group_by("publish_reason").len().sort("publish_reason").iter_rows())
     if rows.is_empty():
@@ -379,7 +388,7 @@ def publish(m: Manifest, ws: Workspace, *, out: str | Path | None = None, dry_ru
     summary = PublishSummary(
         version=prev["version"] if prev else 0, changed=False, hash=digest, folder=prev.get("folder") if prev else None,
         images=rows.height, per_split=per_split, per_class=per_class.to_dicts(), left_out=left_out, warnings=warnings,
-        diff=diff(prev_index, rows), dry_run=dry_run,
+        diff=diff(prev_index, rows), dry_run=dry_run, catalog_version=catalog_version,
     )
     if prev is not None and prev["hash"] == digest and (dry_run or Path(prev["folder"]).exists()):
         summary.seconds = time.monotonic() - t0
@@ -395,7 +404,8 @@ def publish(m: Manifest, ws: Workspace, *, out: str | Path | None = None, dry_ru
            else folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"))
     try:
         summary.files = write_folder(m, ws, rows, tmp, version=version, digest=digest, left_out=left_out,
-                                     warnings=warnings, diff_counts=summary.diff, show_progress=show_progress)
+                                     warnings=warnings, diff_counts=summary.diff, catalog_version=catalog_version,
+                                     show_progress=show_progress)
         if dry_run:
             summary.seconds = time.monotonic() - t0
             return summary
@@ -421,7 +431,8 @@ def publish(m: Manifest, ws: Workspace, *, out: str | Path | None = None, dry_ru
     _append_history(ws, {
         "version": version, "hash": digest, "folder": str(folder), "created_at": datetime.now(timezone.utc).isoformat(),
         "images": rows.height, "per_split": per_split, "left_out": left_out, "diff": summary.diff,
-        "assignment": _assignment_settings(m), "catalog_rows": df.height, "warnings": warnings, "pushes": [],
+        "assignment": _assignment_settings(m), "catalog_rows": df.height, "catalog_version": catalog_version,
+        "warnings": warnings, "pushes": [],
     })
     summary.seconds = time.monotonic() - t0
     return summary

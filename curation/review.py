@@ -4,18 +4,23 @@ Review vocabulary (sample tags in the App, or any FiftyOne client):
   `accept`            the image is a good example of its label
   `reject`            the image must not be used (wins over a label correction)
   `relabel:<class>`   the image shows <class>; editing the `ground_truth` label does the same
-A sample with none of these is not reviewed yet.
+A sample with none of these is not reviewed yet. Deleting a sample in the App is a decision too
+(`deleted`: rejected with reason `reviewer_deleted`, never pushed again). Tags that read as no
+single decision are left alone by `pull` and listed in the `unclear-decisions` view.
 
 The human decision lives in the catalog columns `review_decision` (accept|reject|relabel),
 `reviewer_label` and `reviewed_at`; `pull` sets `status` (accepted, or rejected with reason
 `reviewer_rejected`) and `label` from them, and keeps what the pipeline had said in
 `pre_review_status/_reason/_label` so that a decision taken back in the App restores it.
+The dataset belongs to the workspace by an id kept inside it (`stages/review/workspace_id`), so a
+moved workspace keeps its dataset (sample files are re-pointed) and another one cannot take it.
 `push` never writes tags and never overwrites a `ground_truth` a reviewer has edited, so
 re-pushing after any upstream stage re-ran loses nothing; a dataset created afresh (new
 database) gets its tags back from the catalog.
 
 FiftyOne is imported lazily: it is heavy and reads its database settings at import time
-(`FIFTYONE_DATABASE_URI` for a shared MongoDB; unset: the bundled mongod, one user).
+(`FIFTYONE_DATABASE_URI` for a shared MongoDB, pinged first; unset: the bundled mongod, one user).
+Writes go through FiftyOne's public API, except new samples' insert (`curation/fiftyone_bulk.py`).
 """
 
 from __future__ import annotations
@@ -24,17 +29,22 @@ import json
 import math
 import os
 import re
+import signal
+import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+import numpy as np
 import polars as pl
 
-from curation import catalog
+from curation import catalog, fiftyone_bulk
 from curation.catalog import Status, Workspace
 from curation.config import Manifest, ThresholdMode
+from curation.errors import JurassiclassError
 from curation.progress import track
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,12 +55,14 @@ TAG_REJECT = "reject"
 RELABEL_PREFIX = "relabel:"
 _REVIEW_TAG_PATTERNS = [TAG_ACCEPT, TAG_REJECT, re.compile("^" + RELABEL_PREFIX)]
 REJECT_REASON = "reviewer_rejected"
+DELETED_REASON = "reviewer_deleted"
 
 
 class Decision(str, Enum):
     accept = "accept"
     reject = "reject"
     relabel = "relabel"
+    deleted = "deleted"  # the sample was deleted in the App: rejected, and never pushed again
 
 
 # Written only by `pull`: no other stage may overwrite these.
@@ -120,47 +132,136 @@ VIEWS = {
     "borderline": "score within the borderline band of the threshold, closest first",
     "rescue-rejected": "rejected by the pipeline and not reviewed, best score first",
     "label-issues": "trained model's out-of-fold check doubts the label, most suspicious (lowest self-confidence) first",
+    "unclear-decisions": "tags `review pull` could not read as one decision (accept and reject, unknown or "
+                         "conflicting relabel class); left unchanged in the catalog until fixed",
+    "duplicate-groups": "members of duplicate groups, group by group, each group's representative first",
+}
+
+# Why a view can be empty, appended to its description when it is.
+_EMPTY_BECAUSE = {
+    "not-reviewed": "every sample has a decision",
+    "lowest-score-per-class": "no sample has a CLIP score (scoring skipped or not run)",
+    "suspected-wrong-label": "CLIP prefers another class for no sample (or scoring did not run)",
+    "dup-label-conflicts": "no duplicate group mixes labels",
+    "borderline": "no sample's score is within the borderline band (or no sample has a score)",
+    "rescue-rejected": "no rejected sample is waiting for review",
+    "label-issues": "no out-of-fold label issue flagged (run `jurassiclass train` to get them)",
+    "unclear-decisions": "the last `review pull` found no unclear tags",
+    "duplicate-groups": "dedup found no duplicate groups (or has not run)",
 }
 
 
-class ReviewError(RuntimeError):
-    """A review operation that cannot proceed; the message says what to do."""
+class ReviewError(JurassiclassError, RuntimeError):
+    """A review operation that cannot proceed; the message (one line) says what to do."""
+
+
+class DatabaseUnreachable(ReviewError):
+    """FIFTYONE_DATABASE_URI names a MongoDB that does not answer."""
+
+
+class AppPortInUse(ReviewError):
+    """The App's port is already taken on its address."""
+
+
+class NothingToCalibrate(ReviewError):
+    """No reviewed image with a score: the message says whether scores or reviews are missing."""
 
 
 # ---------------------------------------------------------------- fiftyone access
 
 
+_DB_CHECKED: set[str] = set()
+
+
 def _fo():
-    """Import FiftyOne with quiet, offline-friendly settings (it reads env at import)."""
+    """Import FiftyOne with quiet, offline-friendly settings (it reads env at import).
+
+    A shared database (`FIFTYONE_DATABASE_URI`) is pinged first with a short timeout: FiftyOne
+    itself waits ~30 s per attempt and then fails with a long traceback.
+    """
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    uri = os.environ.get("FIFTYONE_DATABASE_URI")
+    if uri and uri not in _DB_CHECKED:
+        check_database(uri)
+        _DB_CHECKED.add(uri)
     import fiftyone as fo
 
     return fo
+
+
+def check_database(uri: str, timeout_s: float = 3.0) -> None:
+    """Raise DatabaseUnreachable (one line) unless the MongoDB at ``uri`` answers a ping."""
+    from pymongo import MongoClient
+    from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
+
+    shown = re.sub(r"//[^@/]*@", "//***@", uri)  # never print a password
+    ms = int(timeout_s * 1000)
+    try:
+        client = MongoClient(uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=ms)
+    except (InvalidURI, ConfigurationError, ValueError) as exc:
+        raise DatabaseUnreachable(f"FIFTYONE_DATABASE_URI={shown} is not a MongoDB URI ({exc})") from None
+    try:
+        client.admin.command("ping")
+    except PyMongoError:
+        raise DatabaseUnreachable(
+            f"cannot reach the FiftyOne database at {shown} (FIFTYONE_DATABASE_URI) within {timeout_s:g} s: "
+            "start MongoDB there, fix the URI, or unset it to use FiftyOne's bundled database"
+        ) from None
+    finally:
+        client.close()
 
 
 def dataset_name(manifest: Manifest) -> str:
     return manifest.review.dataset_name or manifest.name
 
 
+def workspace_id(ws: Workspace) -> str:
+    """The workspace's identity for FiftyOne datasets: a random id kept in the workspace, so it moves with it."""
+    path = ws.stage_dir("review") / "workspace_id"
+    if not path.exists():
+        path.write_text(uuid.uuid4().hex + "\n", encoding="utf-8")
+    return path.read_text(encoding="utf-8").strip()
+
+
 def _load(manifest: Manifest, ws: Workspace, *, create: bool = False) -> "fo.Dataset":
     fo = _fo()
     name = dataset_name(manifest)
+    wid = workspace_id(ws)
     if fo.dataset_exists(name):
         ds = fo.load_dataset(name)
-        owner = ds.info.get("workspace")
-        if owner and owner != str(ws.root):
+        owner, owner_id = ds.info.get("workspace"), ds.info.get("workspace_id")
+        if owner_id != wid and (owner_id or (owner and owner != str(ws.root))):
             raise ReviewError(
                 f"FiftyOne dataset {name!r} belongs to workspace {owner}, not {ws.root}: "
                 "set review.dataset_name in the manifest to review this workspace separately"
             )
+        if owner and owner != str(ws.root):
+            _rebase(ds, Path(owner), ws.root)
+        if owner_id is None or owner != str(ws.root) or "token" not in ds.info:
+            ds.info = {**ds.info, "workspace": str(ws.root), "workspace_id": wid,
+                       "token": ds.info.get("token") or uuid.uuid4().hex}
+            ds.save()
         return ds
     if not create:
         raise ReviewError(f"no FiftyOne dataset {name!r}: run `jurassiclass review push` first")
     ds = fo.Dataset(name, persistent=True)
-    ds.info = {"workspace": str(ws.root), "manifest": manifest.name}
+    # token: this dataset's identity, so a dataset deleted and made afresh is told apart from a sample deleted.
+    ds.info = {"workspace": str(ws.root), "workspace_id": wid, "manifest": manifest.name, "token": uuid.uuid4().hex}
     ds.save()
     return ds
+
+
+def _rebase(ds: "fo.Dataset", old: Path, new: Path) -> None:
+    """The workspace moved: point samples' files at its new place (the store moved with it)."""
+    ids, paths = ds.values(["image_id", "filepath"])
+    moved = {}
+    for iid, fp in zip(ids, paths):
+        p = Path(fp)
+        if p.is_relative_to(old):
+            moved[iid] = str(new / p.relative_to(old))
+    if moved:
+        ds.set_values("filepath", moved, key_field="image_id")
 
 
 def _declare_fields(ds: "fo.Dataset", df: pl.DataFrame) -> None:
@@ -174,16 +275,8 @@ def _declare_fields(ds: "fo.Dataset", df: pl.DataFrame) -> None:
     for fld, typ in _DERIVED.items():
         wanted[fld] = {bool: fo.BooleanField, str: fo.StringField, float: fo.FloatField}[typ]
     wanted["dup_group"] = fo.StringField  # dedup may store ints; one type keeps the field stable
-    missing = {fld: ftype() for fld, ftype in wanted.items() if fld not in schema}
-    if missing:
-        try:
-            # One schema merge instead of ~30 add_sample_field calls (each reloads the dataset: ~0.15 s).
-            ds._sample_doc_cls.merge_field_schema(missing)
-            ds._reload()
-        except Exception:  # pragma: no cover - a FiftyOne without the bulk path
-            for fld, f in missing.items():
-                if fld not in ds.get_field_schema():
-                    ds.add_sample_field(fld, type(f))
+    wanted["review_problem"] = fo.StringField  # written by pull: why a sample's tags are unclear
+    fiftyone_bulk.declare_fields(ds, {fld: ftype() for fld, ftype in wanted.items() if fld not in schema})
     if "ground_truth" not in schema:
         ds.add_sample_field("ground_truth", fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
     ds.create_index("image_id", unique=True)
@@ -223,6 +316,8 @@ def _prepare(manifest: Manifest, df: pl.DataFrame) -> pl.DataFrame:
     """The catalog rows to push, with upstream columns filled and review-only fields derived."""
     df = catalog.ensure_columns(df, {**UPSTREAM_COLUMNS, **REVIEW_COLUMNS})
     df = df.filter(pl.col("path").is_not_null())
+    # Deleted in the App is a decision: such an image never comes back, even into a new dataset.
+    df = df.filter(pl.col("review_decision").is_null() | (pl.col("review_decision") != Decision.deleted.value))
     if not manifest.review.include_rejected:
         df = df.filter((pl.col("status") != Status.rejected.value) | pl.col("review_decision").is_not_null())
     classes = _class_lookup(manifest)
@@ -308,6 +403,7 @@ class PushSummary:
     unchanged: int = 0
     not_pushable: int = 0  # catalog rows without stored bytes (nothing to look at)
     tags_restored: int = 0  # new samples whose catalog decision was written back as tags
+    deleted: int = 0  # samples deleted in the App since the last push, recorded as decisions
     seconds: float = 0.0
     views: list[str] = field(default_factory=list)
 
@@ -329,132 +425,130 @@ def _tags_for(row: dict) -> list[str]:
     return []
 
 
-def _sample_doc(ds: "fo.Dataset", *, filepath: str, tags: list[str], image_id: str, pushed_label: str | None,
-                ground_truth: str | None, fields: dict[str, Any]) -> dict:
-    """A sample document laid out as FiftyOne 1.x stores it (what ``Dataset.add_samples`` writes).
-
-    Built directly because ``add_samples`` spends ~2 ms per sample on Sample objects, schema
-    checks and re-reading every inserted document; every field here was declared beforehand.
-    """
-    from bson import ObjectId
-    from fiftyone.core.odm.sample import _generate_rand
-
-    now = _utcnow_naive()
-    doc = {"filepath": filepath, "tags": tags, "_media_type": "image", "_rand": _generate_rand(),
-           "image_id": image_id, "pushed_label": pushed_label}
-    if ground_truth is not None:
-        doc["ground_truth"] = {"_id": ObjectId(), "_cls": "Classification", "tags": [], "label": ground_truth}
-    doc.update((k, v) for k, v in fields.items() if v is not None)
-    doc.update(_dataset_id=ds._doc.id, created_at=now, last_modified_at=now)
-    return {k: v for k, v in doc.items() if v is not None}
+def _pushed_path(ws: Workspace) -> Path:
+    return ws.stage_dir("review") / "pushed.parquet"
 
 
-def _insert(ds: "fo.Dataset", docs: list[dict]) -> None:
-    ds._sample_collection.insert_many(docs, ordered=True)
+def _record_pushed(ws: Workspace, ds: "fo.Dataset") -> None:
+    """The image_ids now in the dataset, under its token: the next push or pull tells deletions apart."""
+    ids = ds.values("image_id")
+    pl.DataFrame({"image_id": ids, "token": [ds.info["token"]] * len(ids)},
+                 schema={"image_id": pl.Utf8, "token": pl.Utf8}).write_parquet(_pushed_path(ws))
 
 
-def _utcnow_naive():
-    # FiftyOne stores naive UTC datetimes (datetime.utcnow()).
-    return catalog.utcnow().replace(tzinfo=None)
-
-
-def _oid(sample_id: str):
-    from bson import ObjectId
-
-    return ObjectId(sample_id)
-
-
-def _set_ops(sets: dict[str, dict]) -> list:
-    """UpdateOne per sample: $set the changed fields (None unsets, as FiftyOne stores missing values)."""
-    from pymongo import UpdateOne
-
-    now = _utcnow_naive()
-    ops = []
-    for sid, vals in sets.items():
-        upd: dict = {"$set": {"last_modified_at": now, **{k: v for k, v in vals.items() if v is not None}}}
-        unset = {k: "" for k, v in vals.items() if v is None}
-        if unset:
-            upd["$unset"] = unset
-        ops.append(UpdateOne({"_id": _oid(sid)}, upd))
-    return ops
+def _record_deletions(ds: "fo.Dataset", ws: Workspace) -> int:
+    """Samples this workspace pushed into this very dataset that are gone now were deleted in the App:
+    record that as the reviewer's decision (rejected, never pushed again). Returns how many."""
+    path = _pushed_path(ws)
+    if not path.exists():
+        return 0
+    pushed = pl.read_parquet(path).filter(pl.col("token") == ds.info.get("token"))["image_id"]
+    if pushed.is_empty():
+        return 0
+    gone = set(pushed.to_list()) - set(ds.values("image_id"))
+    if not gone:
+        return 0
+    with catalog.locked(ws):
+        df = catalog.ensure_columns(catalog.read(ws), REVIEW_COLUMNS)
+        hit = df.filter(pl.col("image_id").is_in(list(gone))
+                        & (pl.col("review_decision").is_null() | (pl.col("review_decision") != Decision.deleted.value)))
+        if hit.is_empty():
+            return 0
+        had = pl.col("review_decision").is_not_null()
+        upd = hit.select(
+            "image_id",
+            pl.lit(Status.rejected.value).alias("status"),
+            pl.lit(DELETED_REASON).alias("reason"),
+            pl.when(had).then("pre_review_label").otherwise("label").alias("label"),
+            pl.lit(Decision.deleted.value).alias("review_decision"),
+            pl.lit(None, pl.Utf8).alias("reviewer_label"),
+            pl.lit(catalog.utcnow()).cast(REVIEW_COLUMNS["reviewed_at"]).alias("reviewed_at"),
+            pl.when(had).then("pre_review_status").otherwise("status").alias("pre_review_status"),
+            pl.when(had).then("pre_review_reason").otherwise("reason").alias("pre_review_reason"),
+            pl.when(had).then("pre_review_label").otherwise("label").alias("pre_review_label"),
+        )
+        catalog.write(ws, catalog.update(df, upd))
+    return upd.height
 
 
 def push(
     manifest: Manifest, ws: Workspace, *, show_progress: bool = True, batch_size: int = 2000
 ) -> PushSummary:
-    """Create or update the review dataset from the catalog; reviewers' tags and edited labels are kept."""
+    """Create or update the review dataset from the catalog; reviewers' tags and edited labels are kept.
+
+    Raises DatabaseUnreachable (at once) when FIFTYONE_DATABASE_URI does not answer, ReviewError
+    when the dataset belongs to another workspace.
+    """
     _fo()
     t0 = time.perf_counter()
+    ds = _load(manifest, ws, create=True)
+    s = PushSummary(dataset=ds.name)
+    s.deleted = _record_deletions(ds, ws)
     df = catalog.read(ws)
     prepared = _prepare(manifest, df)
-    ds = _load(manifest, ws, create=True)
-    s = PushSummary(dataset=ds.name, not_pushable=df.height - df.filter(pl.col("path").is_not_null()).height)
-    if not manifest.review.include_rejected:
-        s.not_pushable = df.height - prepared.height
+    s.not_pushable = df.height - prepared.height
     _declare_fields(ds, prepared)
-    fields = {**{f: c for c, f in _COPIED.items()}, **{f: f for f in _DERIVED}}
+    fields = {**{f: c for c, f in _COPIED.items()}, **{f: f for f in _DERIVED}, "filepath": "filepath"}
+    prepared = prepared.with_columns(
+        pl.col("path").map_elements(lambda p: str(ws.abspath(p)), return_dtype=pl.Utf8).alias("filepath"))
 
-    existing = dict(zip(*ds.values(["image_id", "id"]))) if len(ds) else {}
+    existing = set(ds.values("image_id")) if len(ds) else set()
     new = prepared.filter(~pl.col("image_id").is_in(list(existing)))
     old = prepared.filter(pl.col("image_id").is_in(list(existing)))
 
-    # New samples: plain documents built in memory, inserted in batches.
-    if ds.media_type is None:
-        ds.media_type = "image"
+    # New samples: documents built in memory and inserted in batches (the kept private path).
     batch: list[dict] = []
     for row in track(new.iter_rows(named=True), total=new.height, description="review push", show=show_progress):
         tags = _tags_for(row)
         s.tags_restored += bool(tags)
         shown = row["reviewer_label"] if row["review_decision"] in (Decision.relabel.value, Decision.accept.value) else None
         pushed = row["pre_review_label"] or row["label"]
-        batch.append(_sample_doc(
-            ds, filepath=str(ws.abspath(row["path"])), tags=tags, image_id=row["image_id"], pushed_label=pushed,
-            ground_truth=shown or pushed, fields={f: _py(row[c]) for f, c in fields.items()},
+        batch.append(fiftyone_bulk.sample_doc(
+            ds, filepath=row["filepath"], tags=tags, ground_truth=shown or pushed,
+            fields={"image_id": row["image_id"], "pushed_label": pushed,
+                    **{f: _py(row[c]) for f, c in fields.items() if f != "filepath"}},
         ))
         if len(batch) >= batch_size:
-            _insert(ds, batch)
+            fiftyone_bulk.insert(ds, batch)
             batch = []
-    if batch:
-        _insert(ds, batch)
+    fiftyone_bulk.insert(ds, batch)
     s.added = new.height
 
-    # Existing samples: only changed values are written, in one bulk write; never tags.
+    # Existing samples: only changed values are written, field by field (public set_values); never tags.
     if old.height:
-        cur_fields = ["image_id", "id", "tags", "ground_truth.label", "pushed_label", *fields]
+        cur_fields = ["image_id", "tags", "ground_truth.label", "pushed_label", *fields]
         cur = dict(zip(cur_fields, ds.values(cur_fields)))
         by_id = {iid: k for k, iid in enumerate(cur["image_id"])}
-        pos = [by_id[i] for i in old["image_id"].to_list()]
-        sets: dict[str, dict] = {}
+        ids = old["image_id"].to_list()
+        pos = [by_id[i] for i in ids]
+        changed: set[str] = set()
         for fld, col in fields.items():
-            have_all = cur[fld]
-            for k, v in zip(pos, old[col].to_list()):
+            have_all, sets = cur[fld], {}
+            for iid, k, v in zip(ids, pos, old[col].to_list()):
                 v, have = _py(v), have_all[k]
                 if have != v and not (isinstance(v, float) and isinstance(have, float) and abs(have - v) < 1e-12):
-                    sets.setdefault(cur["id"][k], {})[fld] = v
-        ops = _set_ops(sets)
+                    sets[iid] = v
+            if sets:
+                ds.set_values(fld, sets, key_field="image_id")
+                changed |= sets.keys()
         # The pipeline's label moved (e.g. a label-issue stage): follow it only where nobody reviewed.
-        # The filter re-checks in the database, so a reviewer's edit made meanwhile is never overwritten.
-        relabelled: set[str] = set()
-        for k, lab, dec in zip(pos, old["label"].to_list(), old["review_decision"].to_list()):
-            was = cur["pushed_label"][k]
-            untouched = cur["ground_truth.label"][k] == was and not _tags_for_review(cur["tags"][k])
-            if dec is None and untouched and lab != was and lab is not None:
-                from pymongo import UpdateOne
-
-                relabelled.add(cur["id"][k])
-                ops.append(UpdateOne(
-                    {"_id": _oid(cur["id"][k]), "ground_truth.label": was, "tags": {"$nin": _REVIEW_TAG_PATTERNS}},
-                    {"$set": {"pushed_label": lab, "ground_truth.label": lab, "last_modified_at": _utcnow_naive()}},
-                ))
-        if ops:
-            ds._sample_collection.bulk_write(ops, ordered=False)
-            ds.reload()  # raw writes: refresh any in-memory samples of this process
-        s.updated = len(set(sets) | relabelled)
+        # The view re-checks in the database, so a reviewer's edit saved since the read above is kept.
+        moved = {iid: lab for iid, k, lab, dec in zip(ids, pos, old["label"].to_list(), old["review_decision"].to_list())
+                 if dec is None and lab is not None and lab != cur["pushed_label"][k]}
+        if moved:
+            still = ds.select_by("image_id", list(moved)).match(_not_reviewed_expr()).values("image_id")
+            follow = {iid: moved[iid] for iid in still}
+            if follow:
+                ds.set_values("pushed_label", follow, key_field="image_id")
+                ds.set_values("ground_truth.label", follow, key_field="image_id")
+                changed |= follow.keys()
+        s.updated = len(changed)
         s.unchanged = old.height - s.updated
 
     ds.info = {**ds.info, "workspace": str(ws.root), "manifest": manifest.name, "classes": manifest.class_names,
                "score": manifest.review.score.value}
     ds.save()
+    _record_pushed(ws, ds)
     s.views = _save_views(ds, manifest)
     s.seconds = time.perf_counter() - t0
     return s
@@ -475,25 +569,33 @@ def _not_reviewed_expr():
 
 
 def _save_views(ds: "fo.Dataset", manifest: Manifest) -> list[str]:
-    """(Re)define the reviewers' saved views; views reviewers saved under other names are untouched."""
+    """(Re)define the reviewers' saved views; views reviewers saved under other names are untouched.
+
+    An empty view says why in its description (the App shows it beside the name)."""
     from fiftyone import ViewField as F
 
     score = manifest.review.score.value
     band = manifest.review.borderline_band
     todo = _not_reviewed_expr()
+    gap = F("score_gap")
     views = {
         "not-reviewed": ds.match(todo).sort_by(score),
         "lowest-score-per-class": ds.exists(score).sort_by([("pipeline_label", 1), (score, 1)]),
         "suspected-wrong-label": ds.match(F("wrong_class") == True).sort_by("clip_top_prob", reverse=True),  # noqa: E712
         "dup-label-conflicts": ds.match(F("label_conflict") == True).sort_by([("dup_group", 1), ("pipeline_label", 1)]),  # noqa: E712
-        "borderline": ds.match(F("score_gap").abs() <= band).sort_by(F("score_gap").abs()),
+        # exists(): in MongoDB a missing gap compares below any number, so unscored images would match.
+        "borderline": ds.exists("score_gap").match(gap.abs() <= band).sort_by(gap.abs()),
         "rescue-rejected": ds.match((F("status") == Status.rejected.value) & todo).sort_by(score, reverse=True),
         "label-issues": ds.match(F("label_issue") == True).sort_by("oof_self_confidence"),  # noqa: E712
+        "unclear-decisions": ds.exists("review_problem").sort_by([("review_problem", 1), ("pipeline_label", 1)]),
+        "duplicate-groups": ds.exists("dup_group").sort_by(
+            [("dup_group", 1), (F("image_id") == F("dup_group"), -1), ("image_id", 1)]),
     }
     for name, view in views.items():
         if ds.has_saved_view(name):
             ds.delete_saved_view(name)
-        ds.save_view(name, view, description=VIEWS[name])
+        desc = VIEWS[name] if len(view) else f"{VIEWS[name]}. Empty: {_EMPTY_BECAUSE[name]}"
+        ds.save_view(name, view, description=desc)
     return list(views)
 
 
@@ -511,14 +613,21 @@ class PullSummary:
     changed: int = 0  # catalog rows this pull wrote
     cleared: int = 0  # decisions taken back in the App: the pipeline's status restored
     problems: dict[str, int] = field(default_factory=dict)
+    deleted: int = 0  # samples deleted in the App since the last push or pull, recorded as decisions
     calibration: Path | None = None
 
 
 def pull(manifest: Manifest, ws: Workspace, *, calibrate_after: bool = True) -> PullSummary:
-    """Read reviewers' decisions into the catalog (idempotent: a second pull writes nothing)."""
+    """Read reviewers' decisions into the catalog (idempotent: a second pull writes nothing).
+
+    Unclear samples are left unchanged and listed in the `unclear-decisions` view (field `review_problem`).
+    """
     ds = _load(manifest, ws)
+    deleted = _record_deletions(ds, ws)
+    _record_pushed(ws, ds)
     dec = _read_decisions(ds, manifest)
-    s = PullSummary(dataset=ds.name, samples=dec.height)
+    s = PullSummary(dataset=ds.name, samples=dec.height, deleted=deleted)
+    _mark_problems(ds, dec)
     for p, n in dec.filter(pl.col("problem").is_not_null()).group_by("problem").len().iter_rows():
         s.problems[p] = n
     now = catalog.utcnow()
@@ -571,22 +680,37 @@ def pull(manifest: Manifest, ws: Workspace, *, calibrate_after: bool = True) -> 
     if rows:
         _mirror(ds, manifest, df, [r["image_id"] for r in rows])
     if calibrate_after and s.reviewed:
-        res = calibrate(manifest, ws, df=df)
-        s.calibration = res.png if res else None
+        try:
+            s.calibration = calibrate(manifest, ws, df=df).png
+        except NothingToCalibrate:
+            pass  # e.g. scores were skipped offline: `review calibrate` says so when asked
     return s
+
+
+def _mark_problems(ds: "fo.Dataset", dec: pl.DataFrame) -> None:
+    """Write each sample's unclear-tags problem (or clear it) so the `unclear-decisions` view lists them."""
+    have = dict(zip(*ds.values(["image_id", "review_problem"]))) if "review_problem" in ds.get_field_schema() else None
+    if have is None:
+        return
+    sets = {i: p for i, p in zip(dec["image_id"].to_list(), dec["problem"].to_list()) if have.get(i) != p}
+    if sets:
+        ds.set_values("review_problem", sets, key_field="image_id")
+        if ds.has_saved_view("unclear-decisions"):
+            empty = not len(ds.exists("review_problem"))
+            desc = VIEWS["unclear-decisions"] + (f". Empty: {_EMPTY_BECAUSE['unclear-decisions']}" if empty else "")
+            ds.update_saved_view_info("unclear-decisions", {"description": desc})
 
 
 def _mirror(ds: "fo.Dataset", manifest: Manifest, df: pl.DataFrame, image_ids: list[str]) -> None:
     """Show the pulled status/label/decision in the App (fields only; tags stay the reviewers')."""
     prepared = _prepare(manifest, df.filter(pl.col("image_id").is_in(image_ids)))
     cols = ["status", "reason", "label", "review_decision", "reviewer_label"]
-    cur = dict(zip(["image_id", "id"], ds.values(["image_id", "id"])))
-    pos = {iid: k for k, iid in enumerate(cur["image_id"])}
-    sub = prepared.filter(pl.col("image_id").is_in(list(pos)))
-    sets = {cur["id"][pos[r["image_id"]]]: {_COPIED[c]: _py(r[c]) for c in cols} for r in sub.iter_rows(named=True)}
-    if sets:
-        ds._sample_collection.bulk_write(_set_ops(sets), ordered=False)
-        ds.reload()
+    sub = prepared.filter(pl.col("image_id").is_in(ds.values("image_id")))
+    if sub.is_empty():
+        return
+    ids = sub["image_id"].to_list()
+    for c in cols:
+        ds.set_values(_COPIED[c], dict(zip(ids, sub[c].to_list())), key_field="image_id")
 
 
 # ---------------------------------------------------------------- status
@@ -643,19 +767,19 @@ def _prf(pred: list[bool], truth: list[bool]) -> dict[str, float | int | None]:
     return {"n": n, "tp": tp, "fp": fp, "fn": fn, "precision": prec, "recall": rec, "f1": f1, "agreement": agree}
 
 
-def calibrate(manifest: Manifest, ws: Workspace, *, df: pl.DataFrame | None = None) -> Calibration | None:
+def calibrate(manifest: Manifest, ws: Workspace, *, df: pl.DataFrame | None = None) -> Calibration:
     """How the automatic CLIP decisions agreed with reviewers, and the threshold that matches them best.
 
     Truth: the reviewer accepted the image under its original label (reject and relabel are
     negatives). Prediction: the CLIP stage kept it (`clip_decision`), or for the sweep,
-    `score >= t`. Writes calibration.{csv,md,json,png} to the review stage folder; None when no
-    reviewed image has a score.
+    `score >= t`. Writes calibration.{csv,md,json,png} to the review stage folder. Raises
+    NothingToCalibrate when no reviewed image has a score, saying which of the two is missing.
     """
     score = manifest.review.score.value
     df = catalog.ensure_columns(df if df is not None else catalog.read(ws), {**UPSTREAM_COLUMNS, **REVIEW_COLUMNS})
     rev = df.filter(pl.col("review_decision").is_not_null() & pl.col(score).is_not_null() & pl.col(score).is_not_nan())
     if rev.is_empty():
-        return None
+        raise NothingToCalibrate(_why_nothing_to_calibrate(df, score))
     rev = rev.with_columns(
         pl.coalesce("pre_review_label", "label").alias("orig_label"),
         (pl.col("review_decision") == Decision.accept.value).alias("truth"),
@@ -673,16 +797,13 @@ def calibrate(manifest: Manifest, ws: Workspace, *, df: pl.DataFrame | None = No
     for lab in sorted(rev["orig_label"].drop_nulls().unique().to_list()) + ["ALL"]:
         part = rev if lab == "ALL" else rev.filter(pl.col("orig_label") == lab)
         m = _prf(part["kept"].to_list(), part["truth"].to_list())
-        best_t, best = _best_threshold(part[score].to_list(), part["truth"].to_list())
+        best_t, best = _best_threshold(part[score].to_numpy(), part["truth"].to_numpy())
         rows.append({"label": lab, **m, "threshold": thr.get(lab) if lab != "ALL" else _common(thr),
                      "best_threshold": best_t, "best_f1": best})
     table = pl.DataFrame(rows)
 
-    scores, truth = rev[score].to_list(), rev["truth"].to_list()
-    grid = sorted(set(scores))
-    curve = pl.DataFrame(
-        [{"threshold": t, **_prf([s >= t for s in scores], truth)} for t in grid]
-    ).select("threshold", "precision", "recall", "f1", "agreement")
+    curve = pl.DataFrame(sweep(rev[score].to_numpy(), rev["truth"].to_numpy()),
+                         schema={c: pl.Float64 for c in ("threshold", "precision", "recall", "f1", "agreement")})
     best_t = table.filter(pl.col("label") == "ALL")["best_threshold"][0]
     current = _common(thr)
 
@@ -719,16 +840,50 @@ def _common(thr: dict[str, float | None]) -> float | None:
     return vals.pop() if len(vals) == 1 else None
 
 
-def _best_threshold(scores: list[float], truth: list[bool]) -> tuple[float | None, float | None]:
+def _why_nothing_to_calibrate(df: pl.DataFrame, score: str) -> str:
+    has_score = pl.col(score).is_not_null() & pl.col(score).is_not_nan()
+    skipped = (df["clip_decision"] == "skipped").any()
+    redo = ("CLIP scoring was skipped (weights unavailable, e.g. offline); run `jurassiclass score` with the "
+            "weights, then calibrate" if skipped else "run `jurassiclass score`, then calibrate")
+    if df.filter(has_score).is_empty():
+        return f"no image has a {score}: {redo}"
+    reviewed = df.filter(pl.col("review_decision").is_not_null()).height
+    if not reviewed:
+        return "no reviewed image with a CLIP score yet: review some images, then `jurassiclass review pull`"
+    return f"none of the {reviewed} reviewed images has a {score}: {redo}"
+
+
+def sweep(scores: "np.ndarray", truth: "np.ndarray") -> dict[str, list]:
+    """Precision, recall, F1 and agreement of `keep if score >= t` for every distinct score t (ascending).
+
+    scores: float (n,); truth: bool (n,). O(n log n): one sort, then running counts of each side.
+    Precision/recall/F1 follow `_prf` (None when undefined; F1 0.0 when either is 0).
+    """
+    s, y = np.asarray(scores, dtype=float), np.asarray(truth, dtype=bool)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    n, pos = len(s), int(y.sum())
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), n - 1] if n else np.array([], int)  # end of each run of one score
+    tp, fp = np.cumsum(y)[last][::-1], np.cumsum(~y)[last][::-1]
+    prec = tp / (tp + fp)
+    rec = tp / pos if pos else np.full(len(tp), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where((prec > 0) & (rec > 0), 2 * prec * rec / (prec + rec), 0.0)
+    f1 = np.where(np.isnan(rec), np.nan, f1)
+    agree = (tp + (n - pos - fp)) / n if n else np.array([])
+    none = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731
+    return {"threshold": s[last][::-1].tolist(), "precision": none(prec), "recall": none(rec), "f1": none(f1),
+            "agreement": none(agree)}
+
+
+def _best_threshold(scores: "np.ndarray | list[float]", truth: "np.ndarray | list[bool]") -> tuple[float | None, float | None]:
     """The cut-off t (keep if score >= t) with the best F1 against reviewers; ties: the higher t."""
     if not any(truth):
         return None, None
-    best_t, best = None, -1.0
-    for t in sorted(set(scores)):
-        f1 = _prf([s >= t for s in scores], truth)["f1"] or 0.0
-        if f1 >= best:
-            best_t, best = t, f1
-    return best_t, best
+    c = sweep(np.asarray(scores, dtype=float), np.asarray(truth, dtype=bool))
+    f1 = np.array([v or 0.0 for v in c["f1"]])
+    k = int(np.flatnonzero(f1 == f1.max())[-1])
+    return c["threshold"][k], float(f1[k])
 
 
 def _plot(curve: pl.DataFrame, current: float | None, best: float | None, score: str, path: Path) -> None:
@@ -765,20 +920,73 @@ def launch_app(
     manifest: Manifest, ws: Workspace, *, address: str | None = None, port: int | None = None,
     view: str | None = None, wait: bool = True, echo=print,
 ):
-    """Serve the App for the review dataset on loopback; blocks until interrupted when ``wait``."""
+    """Serve the App for the review dataset on loopback; when ``wait``, block until SIGINT/SIGTERM, then
+    stop FiftyOne's server at once (see `stop_app`). Raises AppPortInUse before anything starts."""
     from curation.config import ReviewSettings
 
     address = ReviewSettings(address=address).address if address else manifest.review.address
     port = port or manifest.review.port
+    _check_port(address, port)
     ds = _load(manifest, ws)
     fo = _fo()
-    target = ds.load_saved_view(view) if view else ds
     # Listed before the server starts: a push running while the App is up redefines the views.
     views = ds.list_saved_views()
+    if view and view not in views:
+        raise ReviewError(f"no saved view {view!r} in dataset {ds.name!r}; saved views: {', '.join(views)}")
+    target = ds.load_saved_view(view) if view else ds
     session = fo.launch_app(target, remote=True, address=address, port=port, auto=False)
     echo(f"review App: {app_url(manifest, address, port)}")
     echo("saved views: " + ", ".join(views))
     if wait:
-        session.wait(-1)
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            session.wait(-1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_app()
+            signal.signal(signal.SIGTERM, previous)
+        echo("review App stopped")
     return session
+
+
+def _check_port(address: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
+        try:
+            sock.bind((address, port))
+        except OSError:
+            raise AppPortInUse(
+                f"port {port} on {address} is already in use (another `review app`?): "
+                "pick a free one with --port N, or set review.port in the manifest"
+            ) from None
+
+
+def stop_app() -> int:
+    """Kill the FiftyOne App servers this process started; returns how many.
+
+    FiftyOne runs its server under a watcher in a process group of its own, which stops the server
+    only after this process is gone, gracefully (30-90 s of serving on). The server holds no state
+    (the database does): kill the whole group now.
+    """
+    import psutil
+
+    n = 0
+    for child in psutil.Process().children():
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:
+            continue
+        if "--51-service" in cmd and "server" in cmd:
+            pgid = os.getpgid(child.pid)
+            if pgid == child.pid and pgid != os.getpgid(0):  # its own group, never ours
+                os.killpg(pgid, signal.SIGKILL)
+            else:
+                for p in [*child.children(recursive=True), child]:
+                    p.kill()
+            n += 1
+    return n
 

@@ -3,23 +3,32 @@ with its provenance (source, query, source_url, page_url, license, author, retri
 
 Resumable by construction: each URL outcome is appended (and flushed) to a journal
 (stages/scrape/journal.jsonl) the moment its bytes are stored; catalog rows are written in
-batches. A re-run first adds journal rows the catalog lacks, then skips every URL the journal
-has settled (stored, rejected, or failed for good; timeouts and 5xx are tried again), and
-counts the catalog's non-rejected images per class toward the target (folder-ingested ones too).
+batches by a committer thread, off the download path. Decoding, validation, hashing and the store
+write run in a small process pool (`Validators`: the GIL-bound part), so download threads only fetch. A re-run first adds the journal rows whose images the catalog lacks (judged by the
+catalog itself, not by the sightings), then skips every URL the journal has settled (stored,
+rejected, or failed for good; timeouts and 5xx are tried again), and counts the catalog's
+non-rejected images per class toward the target (folder-ingested ones too; images dedup or CLIP
+rejected no longer count, so a re-run tops the class up: `live_counts`, `shortfall`).
 
 Outputs: catalog rows (plus columns license_raw, redistributable), sightings, and under
-stages/scrape/: journal.jsonl, summary.json (this run, per class and per class+source:
-requested, downloaded, duplicates, rejected and failed by reason) and history.jsonl (every run).
+stages/scrape/: journal.jsonl, summary.json (this run, per class: target, before, after, short,
+exhausted; per class+source: requested, downloaded, duplicates, rejected and failed by reason;
+warnings such as a source that gave nothing; API calls per host) and history.jsonl (every run).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
 import threading
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,30 +39,38 @@ import polars as pl
 from curation import catalog, sources
 from curation.catalog import Status, Workspace
 from curation.config import (
-    ClassSpec, FolderSource, LicensedApiSource, Manifest, SearchEngineSource, UrlListSource,
+    ClassSpec, FolderSource, ImageSettings, LicensedApiSource, Manifest, SearchEngineSource, SourceKind, UrlListSource,
 )
 from curation.download import Downloader
 from curation.ingest import build_row
 from curation.licenses import normalise_license, redistributable
 from curation.progress import track
 from curation.store import atomic_write_bytes
+from curation.workers import die_with_parent, worker_context
 
 log = logging.getLogger(__name__)
 
 # Columns this stage adds to the catalog.
 COLUMNS: dict[str, pl.DataType] = {"license_raw": pl.Utf8, "redistributable": pl.Boolean}
 ScrapeError = sources.SourceError
+# Catalog rows gathered while a commit runs, in multiples of commit_every, before downloads wait for it.
+_MAX_GATHER = 10
 
 
 @dataclass
 class ScrapeSummary:
     """Per class (target, images before/after) and per class+source counts for this run."""
 
-    classes: list[dict] = field(default_factory=list)  # label, target, before, after, short
+    # label, target, before, after, short, exhausted (every source ran out of candidates while short)
+    classes: list[dict] = field(default_factory=list)
     sources: list[dict] = field(default_factory=list)  # label, source, requested, downloaded, duplicates, rejected, failed, reasons
     recovered: int = 0  # journal rows a previous, interrupted run had not cataloged yet
     skipped_known: int = 0  # candidate URLs settled by an earlier run, not fetched again
     source_errors: list[str] = field(default_factory=list)  # sources that broke mid-way (the run went on)
+    # sources that ran to their end for a class without one candidate (e.g. an engine whose result
+    # pages icrawler can no longer parse), and other things the user should look at
+    warnings: list[str] = field(default_factory=list)
+    api_calls: dict[str, int] = field(default_factory=dict)  # API host -> requests made (attempts), for key budgets
     elapsed_s: float = 0.0
 
     @property
@@ -76,6 +93,8 @@ class ScrapeSummary:
         """A one-line summary for the CLI and orchestration artifacts."""
         extra = f", {self.recovered} recovered from an interrupted run" if self.recovered else ""
         broken = f", {len(self.source_errors)} source(s) broke: see summary.json" if self.source_errors else ""
+        if self.warnings:
+            broken += f", {len(self.warnings)} warning(s): " + "; ".join(self.warnings[:3]) + ("; ..." if len(self.warnings) > 3 else "")
         short = sum(c["short"] for c in self.classes)
         return (f"scrape: {self.requested} URLs fetched, {self.downloaded} new images, {self.rejected} rejected, "
                 f"{self.failed} failed, {self.skipped_known} already settled{extra}{broken}; "
@@ -87,10 +106,15 @@ class ScrapeSummary:
             return pl.DataFrame(schema={c: (pl.Utf8 if c in ("label", "source", "reasons") else pl.Int64) for c in cols})
         return pl.DataFrame(self.sources).select(cols)
 
+    @property
+    def exhausted(self) -> list[str]:
+        """Classes still short whose sources had nothing more to offer: another scrape will not fill them."""
+        return [c["label"] for c in self.classes if c["short"] and c["exhausted"]]
+
     def classes_frame(self) -> pl.DataFrame:
-        cols = ["label", "target", "before", "after", "short"]
+        cols = ["label", "target", "before", "after", "short", "exhausted"]
         if not self.classes:
-            return pl.DataFrame(schema={"label": pl.Utf8, **{c: pl.Int64 for c in cols[1:]}})
+            return pl.DataFrame(schema={"label": pl.Utf8, **{c: pl.Int64 for c in cols[1:-1]}, "exhausted": pl.Boolean})
         return pl.DataFrame(self.classes).select(cols)
 
 
@@ -134,6 +158,157 @@ class Journal:
             self.fh.close()
 
 
+def validate_and_store(root: str, raw: bytes, label: str, settings: ImageSettings, provenance: dict) -> dict:
+    """Decode, validate and store one download; its catalog row. The GIL-bound part of a scrape,
+    run in a worker process (top-level, so a pool can pickle it)."""
+    return build_row(Workspace(root), raw, label=label, settings=settings, provenance=provenance)
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _validator_init() -> None:
+    # Die with the scrape; leave Ctrl-C (sent to the whole process group) to it: it shuts the pool down.
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Validators:
+    """`validate_and_store` in a pool of `workers` processes (0: in the calling thread).
+
+    Callers block on their result, so the bytes in flight stay bounded by the download threads.
+    A worker that dies (a decoder crash on hostile bytes, the OOM killer) breaks the whole pool:
+    a new one is started and each image that was in it is tried once more; breaking it twice is a
+    recorded failure ("validator_crashed", tried again next run), never the run's end.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.lock = threading.Lock()
+        self.closed = False
+        self.pool: ProcessPoolExecutor | None = None
+        # Forked (fast) now, while no download thread runs; `worker_context` picks spawn under an
+        # orchestrator that handles SIGTERM itself.
+        self.ctx = worker_context(workers)
+        if workers:
+            try:
+                self.pool = self._start()
+            except BrokenProcessPool:
+                self.pool = None  # the first image starts a new one
+
+    def _start(self) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_validator_init)
+        try:
+            # Start every worker now, from this thread: a worker's PDEATHSIG fires when the thread
+            # that started it ends, and a lazily started one would belong to whichever thread came first.
+            for f in [pool.submit(int) for _ in range(self.workers)]:
+                f.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        return pool
+
+    def _current(self) -> ProcessPoolExecutor:
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("validation pool closed")  # the run is ending: this result is not awaited
+            if self.pool is None:
+                log.warning("a validation worker died; starting a new pool")
+                # Spawned, not forked: download threads are mid-request now, and a fork would copy
+                # the locks they hold into the child.
+                self.ctx = mp.get_context("spawn")
+                self.pool = self._start()
+            return self.pool
+
+    def _discard(self, pool: ProcessPoolExecutor | None) -> None:
+        with self.lock:
+            if pool is None or self.pool is not pool:
+                return  # a pool that failed to start, or one another thread already replaced
+            self.pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def __call__(self, *args) -> dict | None:
+        """The row, or None when the image was in a pool that broke, twice."""
+        if not self.workers:
+            return validate_and_store(*args)
+        for _ in range(2):
+            pool = None
+            try:
+                pool = self._current()
+                return pool.submit(validate_and_store, *args).result()
+            except BrokenProcessPool:
+                self._discard(pool)
+        return None
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Committer:
+    """Catalog commits off the download path: one thread commits the batches of rows handed to it.
+
+    While a commit runs, the caller keeps gathering rows (`offer` declines) and they go in together
+    next: a commit's cost hardly grows with its rows, so a slow catalog gets fewer, larger commits
+    rather than a backlog. `put` waits (the caller bounds what it gathers). The journal is the
+    durable record: a failed commit loses nothing (the next run recovers it), but it ends this run
+    with its error."""
+
+    def __init__(self, ws: Workspace, cataloged: set[str], *, depth: int = 1):
+        self.ws = ws
+        self.cataloged = set(cataloged)  # this thread's own copy: the image_ids the catalog holds
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="scrape-commit", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        done = False
+        while not done:
+            rows = self.q.get()
+            if rows is None:
+                break
+            while True:  # everything queued meanwhile joins this commit
+                try:
+                    more = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    done = True
+                    break
+                rows = rows + more
+            if self.error is None:  # after a failure, drain: the producer must never block on a dead consumer
+                try:
+                    _commit(self.ws, rows, self.cataloged)
+                except BaseException as exc:  # noqa: BLE001 - handed to the run's thread by check()
+                    self.error = exc
+
+    def offer(self, rows: list[dict]) -> bool:
+        """Hand rows over if the committer can take them now; False: keep them and offer more later."""
+        try:
+            self.q.put_nowait(rows)
+        except queue.Full:
+            return False
+        return True
+
+    def put(self, rows: list[dict]) -> None:
+        self.q.put(rows)
+
+    def check(self) -> None:
+        """Raise a commit's failure in the caller's thread."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Wait for every queued batch to be committed (or dropped after a failure)."""
+        self.q.put(None)
+        self.thread.join()
+
+
 def _revive(row: dict) -> dict:
     row = dict(row)
     if isinstance(row.get("retrieved_at"), str):
@@ -141,78 +316,131 @@ def _revive(row: dict) -> dict:
     return row
 
 
-def _commit(ws: Workspace, rows: list[dict]) -> int:
-    """Add rows to the catalog (new image_ids only) and record every one as a sighting."""
+def _commit(ws: Workspace, rows: list[dict], cataloged: set[str]) -> int:
+    """Add rows to the catalog (image_ids not in ``cataloged``, which it then includes) and record
+    every one as a sighting. An append, not a read-modify-write: its cost does not grow with the catalog."""
     if not rows:
         return 0
-    new = catalog.rows_frame(rows, {**catalog.SCHEMA, **COLUMNS})
+    schema = {**catalog.SCHEMA, **COLUMNS}
+    fresh = [r for r in rows if r["image_id"] not in cataloged]
     with catalog.locked(ws):
-        df = catalog.read(ws)
-        df, added = catalog.add(df, new)
-        catalog.write(ws, df)
+        added = catalog.append(ws, catalog.rows_frame(fresh, schema)) if fresh else 0
         # Sightings after the catalog: a crash in between is repaired from the journal next time.
-        catalog.record_sightings(ws, new)
+        catalog.record_sightings(ws, catalog.rows_frame(rows, schema))
+    cataloged.update(r["image_id"] for r in fresh)
     return added
 
 
-def _recover(ws: Workspace, records: list[dict]) -> tuple[int, set[str]]:
-    """Catalog the journal rows an interrupted run stored but never committed.
+def _recover(ws: Workspace, records: list[dict]) -> tuple[int, set[str], pl.DataFrame]:
+    """Repair the catalog and sightings from the journal, judged by what the catalog actually holds.
 
-    Returns (rows recovered, every URL the sightings already hold: settled even without a journal).
+    A journal row whose image the catalog lacks is cataloged again, even when its sighting exists (the
+    catalog's rename can be lost while the sightings' write survived); a missing sighting is recorded.
+    Returns (journal rows repaired, the URLs the sightings hold for images the catalog has: settled
+    even without a journal, the catalog as repaired).
     """
-    s = catalog.read_sightings(ws)
-    urls = set(s["source_url"].drop_nulls().to_list())
     rows = [r["row"] for r in records if r.get("row")]
-    if not rows:
-        return 0, urls
-    seen = set(zip(s["source_url"].to_list(), s["image_id"].to_list(), s["label"].to_list()))
-    missing = [_revive(r) for r in rows if (r.get("source_url"), r.get("image_id"), r.get("label")) not in seen]
-    _commit(ws, missing)
-    return len(missing), urls
+    with catalog.locked(ws):
+        df = catalog.read(ws)
+        s = catalog.read_sightings(ws)
+        ids = set(df["image_id"].to_list())
+        seen = set(zip(s["source_url"].to_list(), s["image_id"].to_list(), s["label"].to_list()))
+        uncataloged = [_revive(r) for r in rows if r.get("image_id") not in ids]
+        unsighted = [_revive(r) for r in rows if (r.get("source_url"), r.get("image_id"), r.get("label")) not in seen]
+        if uncataloged:
+            df, _ = catalog.add(df, catalog.rows_frame(uncataloged, {**catalog.SCHEMA, **COLUMNS}))
+            catalog.write(ws, df)
+        if unsighted:
+            catalog.record_sightings(ws, catalog.rows_frame(unsighted, {**catalog.SCHEMA, **COLUMNS}))
+        ids = set(df["image_id"].to_list())
+    urls = set(s.filter(pl.col("image_id").is_in(list(ids)))["source_url"].drop_nulls().to_list())
+    repaired = {(r.get("source_url"), r.get("image_id"), r.get("label")) for r in uncataloged + unsighted}
+    return len(repaired), urls, df
 
 
 def effective_sources(m: Manifest) -> list:
-    """The manifest's sources; a manifest that names none is scraped from Bing (the design's default)."""
-    return list(m.sources) if m.sources else [SearchEngineSource(type="bing")]
+    """The manifest's sources; a manifest that names none is an error (never a silent default engine)."""
+    if not m.sources:
+        raise ScrapeError(f"manifest {m.name!r} lists no sources: add e.g. `sources: [{{type: wikimedia}}]` "
+                          f"(types: {', '.join(k.value for k in SourceKind)})")
+    return list(m.sources)
 
 
 def has_web_sources(m: Manifest) -> bool:
-    """Whether this stage has anything to fetch (folder sources are the ingest stage's)."""
-    return any(not isinstance(s, FolderSource) for s in effective_sources(m))
+    """Whether this stage has anything to do (folder sources are the ingest stage's). A manifest with no
+    sources at all answers True, so that the stage runs and says what is missing."""
+    return not m.sources or any(not isinstance(s, FolderSource) for s in m.sources)
+
+
+def live_counts(ws: Workspace) -> Counter:
+    """Images per label that count toward a class's target: catalog rows not rejected (by validation,
+    dedup or CLIP). What `run`'s top-up loop compares with the targets."""
+    return _live_counts(catalog.read(ws))
+
+
+def _live_counts(df: pl.DataFrame) -> Counter:
+    live = df.filter(pl.col("status").is_not_null() & (pl.col("status") != Status.rejected.value))
+    return Counter(dict(live.group_by("label").len().iter_rows())) if live.height else Counter()
+
+
+def shortfall(manifest: Manifest, ws: Workspace) -> dict[str, int]:
+    """Images each class still lacks to reach its target (0 when met), counted as `live_counts` does."""
+    have = live_counts(ws)
+    return {c.name: max(0, manifest.target_for(c.name) - have[c.name]) for c in manifest.classes}
 
 
 def _candidates(m: Manifest, spec: ClassSpec, dl: Downloader, url_lists: dict[int, pl.DataFrame], excluded: Counter,
-                errors: list[str]):
-    """Every source's candidates for one class, in manifest order, lazily."""
+                errors: list[str], warnings: list[str]):
+    """Every source's candidates for one class, in manifest order, lazily.
+
+    A source that runs to its end without one candidate is a warning: an engine whose result pages
+    the parser no longer understands looks exactly like that, and must not pass for "no images".
+    """
     for src in effective_sources(m):
         if isinstance(src, FolderSource):
             continue  # the ingest stage reads folders; their images still count toward targets
+        n = 0
         try:
             if isinstance(src, UrlListSource):
-                yield from sources.url_list(url_lists[id(src)], spec.name)
+                it = sources.url_list(url_lists[id(src)], spec.name)
+            elif isinstance(src, SearchEngineSource) and src.type == "flickr":
+                it = sources.flickr(src, spec, dl, warnings)
             elif isinstance(src, SearchEngineSource):
-                yield from sources.search_engine(src, spec)
-            elif isinstance(src, LicensedApiSource):
-                wanted = set(src.licenses)
-                n = 0
-                for c in sources.API_SOURCES[src.type](src, spec, dl):
-                    if wanted and normalise_license(c["license"]) not in wanted:
-                        excluded[(spec.name, src.type)] += 1
-                        continue
-                    yield c
-                    n += 1
-                    if src.max_per_class and n >= src.max_per_class:
-                        break
+                it = sources.search_engine(src, spec, user_agent=m.scrape.user_agent)
+            else:
+                it = sources.API_SOURCES[src.type](src, spec, dl)
+            wanted = set(src.licenses) if isinstance(src, LicensedApiSource) else set()
+            kept = 0
+            for c in it:
+                n += 1
+                if wanted and normalise_license(c["license"]) not in wanted:
+                    excluded[(spec.name, src.type)] += 1
+                    continue
+                yield c
+                kept += 1
+                if isinstance(src, LicensedApiSource) and src.max_per_class and kept >= src.max_per_class:
+                    break
         except sources.SourceError:
             raise
         except Exception as exc:  # noqa: BLE001 - an API that changed shape must not stop the other sources
             msg = f"{src.type} for {spec.name}: {type(exc).__name__}: {exc}"[:300]
             log.warning("source failed, moving on: %s", msg)
             errors.append(msg)
+            continue
+        if n == 0 and not isinstance(src, UrlListSource):
+            hint = " (its result pages could not be fetched, or changed beyond what icrawler's parser reads)" \
+                if isinstance(src, SearchEngineSource) and src.type != "flickr" else ""
+            msg = f"{src.type} for {spec.name}: no candidates for any query{hint}"
+            log.warning("%s", msg)
+            warnings.append(msg)
 
 
-def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> ScrapeSummary:
-    """Fill each class up to its target from the manifest's sources; see the module docstring."""
+def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, workers: int | None = None) -> ScrapeSummary:
+    """Fill each class up to its target from the manifest's sources; see the module docstring.
+
+    ``workers``: processes that decode, validate and store downloads (default: one per CPU this
+    process may use; 0: in the download threads).
+    """
     t0 = time.monotonic()
     ws.ensure()
     sdir = ws.stage_dir("scrape")
@@ -225,7 +453,7 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> Scr
 
     journal_path = sdir / "journal.jsonl"
     records = Journal.read(journal_path)
-    recovered, sighted = _recover(ws, records)
+    recovered, sighted, df = _recover(ws, records)
     summary = ScrapeSummary(recovered=recovered)
     settled: dict[str, dict] = {u: {"url": u} for u in sighted}
     for r in records:
@@ -233,19 +461,24 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> Scr
             settled[r["url"]] = r
     del records
 
-    df = catalog.read(ws)
     known_ids = set(df["image_id"].to_list())
-    live = df.filter(pl.col("status") != Status.rejected.value)
-    have = Counter(dict(live.group_by("label").len().iter_rows())) if live.height else Counter()
+    have = _live_counts(df)
     before = dict(have)
-    del df, live
+    # Rows other stages added without licence flags (folder ingest): fixed at the end, without reading
+    # the catalog again (this run's rows carry their flags).
+    unflagged = df.filter(pl.col("redistributable").is_null())["image_id"] if "redistributable" in df.columns else df["image_id"]
+    del df
 
-    dl = Downloader.from_settings(st, manifest.images)
+    dl = Downloader.from_settings(st, manifest.images, enforced=sources.ENFORCED_HOST_LIMITS)
     stats: dict[tuple[str, str], Counter] = defaultdict(Counter)
     excluded: Counter = Counter()
+    exhausted: dict[str, bool] = {}
+    retry_later: set[str] = set()  # classes with a URL that failed for now (timeout, 5xx): worth another run
     pending: list[dict] = []
     last_commit = time.monotonic()
     journal = Journal(journal_path)
+    validators = Validators(_cpus() if workers is None else workers)
+    committer = Committer(ws, known_ids)
 
     def work(c: dict) -> dict:
         res = dl.fetch(c["url"])
@@ -257,16 +490,26 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> Scr
             prov = {"source": c["source"], "query": c["query"], "source_url": c["url"], "page_url": c["page_url"],
                     "license": code, "license_raw": c.get("license_raw", c["license"]), "author": c["author"],
                     "redistributable": redistributable(code)}
-            row = build_row(ws, res.data, label=c["label"], settings=manifest.images, provenance=prov)
-            rec.update(outcome="image" if row["status"] == Status.candidate.value else "rejected",
-                       reason=row.get("reason"), transient=False, row=row)
+            row = validators(str(ws.root), res.data, c["label"], manifest.images, prov)
+            if row is None:
+                rec.update(outcome="failed", reason="validator_crashed", transient=True,
+                           detail="the decoding worker died twice on this image (a decoder crash, or the OOM killer)")
+            else:
+                rec.update(outcome="image" if row["status"] == Status.candidate.value else "rejected",
+                           reason=row.get("reason"), transient=False, row=row)
         journal.write(rec)  # right after the store write: a kill now loses no stored image
         return rec
 
     def flush(force: bool = False) -> None:
         nonlocal pending, last_commit
+        if not force:
+            committer.check()  # a failed commit ends the run now, not after the last download
         if pending and (force or len(pending) >= st.commit_every or time.monotonic() - last_commit >= st.commit_interval_s):
-            _commit(ws, pending)
+            # Rows (not image bytes) gather while the committer is busy, up to a bound; then we wait.
+            if force or len(pending) >= _MAX_GATHER * st.commit_every:
+                committer.put(pending)
+            elif not committer.offer(pending):
+                return
             pending = []
             last_commit = time.monotonic()
 
@@ -276,6 +519,8 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> Scr
         if rec["outcome"] == "failed":
             stats[key]["failed"] += 1
             stats[key][rec["reason"]] += 1
+            if rec.get("transient"):
+                retry_later.add(rec["label"])
             return False
         row = rec["row"]
         pending.append(row)
@@ -295,16 +540,20 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> Scr
 
     def fill(spec: ClassSpec, need: int, pool: ThreadPoolExecutor) -> Iterator[None]:
         """Yields once per new image; keeps at most `need - got` downloads in flight so it never overshoots."""
-        it = _candidates(manifest, spec, dl, url_lists, excluded, summary.source_errors)
+        it = _candidates(manifest, spec, dl, url_lists, excluded, summary.source_errors, summary.warnings)
         inflight: set[Future] = set()
+        # Finished downloads arrive here (a done-callback), one at a time: `wait()` on every in-flight
+        # future per result would cost the GIL-holding loop O(concurrency) lock round-trips an image.
+        finished: queue.SimpleQueue = queue.SimpleQueue()
         queued: set[str] = set()
-        got, exhausted = 0, False
+        errors_before = len(summary.source_errors)
+        got, exhausted_now = 0, False
         try:
             while True:
-                while not exhausted and len(inflight) < st.concurrency and got + len(inflight) < need:
+                while not exhausted_now and len(inflight) < st.concurrency and got + len(inflight) < need:
                     c = next(it, None)
                     if c is None:
-                        exhausted = True
+                        exhausted_now = True
                         break
                     if not c.get("url") or c["url"] in queued:
                         continue
@@ -315,10 +564,25 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> Scr
                         _resight(prev, c)
                         continue
                     stats[(spec.name, c["source"])]["requested"] += 1
-                    inflight.add(pool.submit(work, c))
+                    f = pool.submit(work, c)
+                    inflight.add(f)
+                    f.add_done_callback(finished.put)
                 if not inflight:
+                    # Exhausted: every source ran to its end, none broke, and no URL failed in a way a
+                    # later run could fix; only then will another scrape not fill the class.
+                    exhausted[spec.name] = (exhausted_now and len(summary.source_errors) == errors_before
+                                            and spec.name not in retry_later)
                     return
-                done, inflight = wait(inflight, timeout=st.commit_interval_s, return_when=FIRST_COMPLETED)
+                try:
+                    done = [finished.get(timeout=st.commit_interval_s)]
+                except queue.Empty:
+                    done = []
+                while True:
+                    try:
+                        done.append(finished.get_nowait())
+                    except queue.Empty:
+                        break
+                inflight.difference_update(done)
                 for f in done:
                     if handle(f.result()):
                         got += 1
@@ -353,9 +617,13 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> Scr
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     finally:
+        validators.close()
         journal.close()
         flush(force=True)
-    _fill_redistributable(ws)
+        committer.close()
+    committer.check()
+    if unflagged.len():
+        _fill_redistributable(ws)
 
     names = set(manifest.class_names)
     for frame in url_lists.values():
@@ -372,7 +640,9 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> Scr
     for spec in manifest.classes:
         target = manifest.target_for(spec.name)
         summary.classes.append({"label": spec.name, "target": target, "before": before.get(spec.name, 0),
-                                "after": have[spec.name], "short": max(0, target - have[spec.name])})
+                                "after": have[spec.name], "short": max(0, target - have[spec.name]),
+                                "exhausted": exhausted.get(spec.name, False)})
+    summary.api_calls = dict(sorted(dl.api_calls.items()))
     summary.elapsed_s = round(time.monotonic() - t0, 2)
     atomic_write_bytes(sdir / "summary.json", json.dumps(asdict(summary), indent=2).encode())
     with open(sdir / "history.jsonl", "a", encoding="utf-8") as fh:  # one line per run, for trends

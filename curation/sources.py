@@ -1,10 +1,13 @@
 """A manifest source and a class in, candidate images out (dicts: url, label, query, page_url,
 license, author, source), lazily, so a scrape stops asking once its target is met.
 
-Search engines go through icrawler's own feeders and parsers; its downloader is replaced by a
-collector that hands each parsed task to `curation.download` (byte caps, politeness); the
-`endpoint` setting re-targets an engine's requests (mirrors, tests). The licence-aware APIs
-(Wikimedia Commons, iNaturalist, GBIF) are paged through the same polite Downloader, serially.
+Search engines (Bing, Baidu, Google) go through icrawler's own feeders and parsers, with the
+manifest's User-Agent; its downloader is replaced by a collector that hands each parsed task to
+`curation.download` (byte caps, politeness); the `endpoint` setting re-targets an engine's requests
+(mirrors, tests). Flickr and the licence-aware APIs (Wikimedia Commons, iNaturalist, GBIF) are paged
+through the same polite Downloader, serially and paced, each the way its service documents:
+Flickr's licence ids through licenses.getInfo, iNaturalist by id_above (page numbers end at its
+10,000-result window), MediaWiki continuation merged into the original request.
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ from requests.adapters import HTTPAdapter
 
 from curation.config import ClassSpec, LicensedApiSource, SearchEngineSource, UrlListSource
 from curation.download import Downloader
-from curation.licenses import FLICKR
+from curation.errors import JurassiclassError
+from curation.licenses import FLICKR, normalise_license
 
 log = logging.getLogger(__name__)
 
 Candidate = dict
 
 
-class SourceError(RuntimeError):
+class SourceError(JurassiclassError, RuntimeError):
     """A source that cannot be used at all (missing API key, unreadable URL list)."""
 
 
@@ -51,7 +55,6 @@ _ENGINE_HOSTS = {
     "bing": "https://www.bing.com/",
     "baidu": "http://image.baidu.com/",
     "google": "https://www.google.com/",
-    "flickr": "https://api.flickr.com/",
 }
 
 
@@ -74,7 +77,6 @@ def _icrawler_classes(kind: str):
     from icrawler import Crawler, Downloader as _IcDownloader
     from icrawler.builtin.baidu import BaiduFeeder, BaiduParser
     from icrawler.builtin.bing import BingFeeder, BingParser
-    from icrawler.builtin.flickr import FlickrFeeder, FlickrParser
     from icrawler.builtin.google import GoogleFeeder, GoogleParser
 
     class SafeParse:
@@ -153,8 +155,7 @@ def _icrawler_classes(kind: str):
                     self.signal.set(parser_exited=True)
                 time.sleep(0.1)
 
-    safe = {"baidu": (BaiduFeeder, BaiduParser), "google": (GoogleFeeder, GoogleParser),
-            "flickr": (FlickrFeeder, FlickrParser)}
+    safe = {"baidu": (BaiduFeeder, BaiduParser), "google": (GoogleFeeder, GoogleParser)}
     if kind == "bing":
         return Quiet, BingFeeder, Bing, Collector
     feeder, parser = safe[kind]
@@ -178,9 +179,15 @@ _REDACT = _Redact()
 
 def check_engine(src: SearchEngineSource) -> None:
     """Refuse an unusable engine source before anything is fetched (icrawler would fail in a thread)."""
-    if src.type == "flickr" and not os.environ.get(src.api_key_env):
-        raise SourceError(f"flickr source: set the API key in the environment variable {src.api_key_env}")
-    if src.filters and src.type != "flickr":
+    if src.type == "flickr":
+        if not os.environ.get(src.api_key_env):
+            raise SourceError(f"flickr source: set the API key in the environment variable {src.api_key_env}")
+        bad = sorted(set(src.filters) - FLICKR_SEARCH_FILTERS)
+        if bad:
+            raise SourceError(f"flickr source: bad filters: {', '.join(bad)} are not flickr.photos.search "
+                              f"arguments (use {', '.join(sorted(FLICKR_SEARCH_FILTERS))})")
+        return
+    if src.filters:
         _, feeder_cls, _, _ = _icrawler_classes(src.type)
         try:
             feeder_cls.get_filter(None).apply(dict(src.filters))
@@ -188,16 +195,18 @@ def check_engine(src: SearchEngineSource) -> None:
             raise SourceError(f"{src.type} source: bad filters: {exc}") from None
 
 
-def search_engine(src: SearchEngineSource, spec: ClassSpec, *, max_wait_s: float = 120.0) -> Iterator[Candidate]:
-    """Candidates from one engine, query after query of the class, up to max_per_query each."""
-    kind = src.type
+def search_engine(src: SearchEngineSource, spec: ClassSpec, *, user_agent: str,
+                  max_wait_s: float = 120.0) -> Iterator[Candidate]:
+    """Candidates from one engine (bing, baidu, google), query after query of the class, up to max_per_query each.
+
+    ``user_agent`` replaces icrawler's built-in browser string on the result-page requests.
+    """
     check_engine(src)
-    apikey = os.environ.get(src.api_key_env) if kind == "flickr" else None
     for query in spec.queries:
-        yield from _crawl_query(src, spec.name, query, apikey, max_wait_s)
+        yield from _crawl_query(src, spec.name, query, user_agent, max_wait_s)
 
 
-def _crawl_query(src: SearchEngineSource, label: str, query: str, apikey: str | None, max_wait_s: float):
+def _crawl_query(src: SearchEngineSource, label: str, query: str, user_agent: str, max_wait_s: float):
     from icrawler.utils import CachedQueue
 
     kind = src.type
@@ -211,16 +220,13 @@ def _crawl_query(src: SearchEngineSource, label: str, query: str, apikey: str | 
     crawler = Crawler(feeder_cls, parser_cls, collector_cls, extra_downloader_args={"sink": sink})
     # Unbounded page-URL queue: icrawler's feeders block forever on a full one once we stop early.
     crawler.feeder.out_queue = crawler.parser.in_queue = CachedQueue()
+    # icrawler sends a fixed 2017 browser User-Agent; the manifest's identifies us, as the engines ask.
+    crawler.session.headers["User-Agent"] = user_agent
     if src.endpoint:
         crawler.session.mount(_ENGINE_HOSTS[kind], _Rebase(src.endpoint))
-    n = min(src.max_per_query, 1000) if kind in ("bing", "google", "baidu") else src.max_per_query
-    if kind == "flickr":
-        feeder_kwargs = dict(apikey=apikey, max_num=n, text=query, extras="license,owner_name", per_page=100)
-        parser_kwargs = dict(apikey=apikey, size_preference=["large", "medium 800", "medium 640", "medium", "original"],
-                             queue_timeout=0.2)
-    else:
-        feeder_kwargs = dict(keyword=query, offset=0, max_num=n, filters=src.filters or None)
-        parser_kwargs = dict(queue_timeout=0.2)
+    n = min(src.max_per_query, 1000)
+    feeder_kwargs = dict(keyword=query, offset=0, max_num=n, filters=src.filters or None)
+    parser_kwargs = dict(queue_timeout=0.2)
     worker = threading.Thread(
         target=crawler.crawl, name=f"icrawler-{kind}",
         kwargs=dict(feeder_kwargs=feeder_kwargs, parser_kwargs=parser_kwargs, downloader_kwargs=dict(max_num=n)),
@@ -240,13 +246,7 @@ def _crawl_query(src: SearchEngineSource, label: str, query: str, apikey: str | 
                     return
                 continue
             idle_since = time.monotonic()
-            meta = task.get("meta") or {}
-            if kind == "flickr" and meta:
-                page = f"https://www.flickr.com/photos/{meta.get('owner')}/{meta.get('id')}"
-                yield candidate(task["file_url"], label, kind, query=query, page_url=page,
-                                license=FLICKR.get(str(meta.get("license")), "unknown"), author=meta.get("ownername"))
-            else:
-                yield candidate(task["file_url"], label, kind, query=query, page_url=task.get("page_url"))
+            yield candidate(task["file_url"], label, kind, query=query, page_url=task.get("page_url"))
     finally:
         crawler.signal.set(reach_max_num=True)
 
@@ -268,16 +268,32 @@ class ApiPageError(RuntimeError):
     """An API page that could not be had after the downloader's retries: the source stops for this class."""
 
 
+class Pace:
+    """At least ``interval_s`` between the starts of successive calls (an API's hourly or per-minute budget)."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self.last = 0.0  # monotonic start of the previous call
+
+    def __call__(self) -> None:
+        delay = self.last + self.interval_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self.last = time.monotonic()
+
+
 def _api_pages(
-    dl: Downloader, url: str, params: dict, src: LicensedApiSource, what: str,
-    next_params: Callable[[dict, dict], dict | None],
+    dl: Downloader, url: str, params: dict, src, what: str,
+    next_params: Callable[[dict, dict], dict | None], pace: Pace | None = None,
 ) -> Iterator[dict]:
     """JSON pages of one API listing; ``next_params(page, params)`` gives the next page's params, or None at the end."""
+    pace = pace or Pace(src.request_interval_s)
     lagged = 0
     while params is not None:
+        pace()
         data, res = dl.get_json(url, dict(params))
         if data is None:
-            raise ApiPageError(f"{what}: API page failed ({res.reason} {res.detail})".strip())
+            raise ApiPageError(_REDACT._KEY.sub(r"\1***", f"{what}: API page failed ({res.reason} {res.detail})".strip()))
         if isinstance(data, dict) and isinstance(data.get("error"), dict):
             # Wikimedia's maxlag: the servers ask bots to wait while replication catches up.
             if data["error"].get("code") == "maxlag" and lagged < 5:
@@ -285,19 +301,28 @@ def _api_pages(
                 time.sleep(max(src.request_interval_s, 5.0))
                 continue
             raise ApiPageError(f"{what}: API error {data['error'].get('code')}: {data['error'].get('info', '')}"[:300])
+        if isinstance(data, dict) and data.get("stat") == "fail":  # Flickr answers errors with HTTP 200
+            raise ApiPageError(f"{what}: API error {data.get('code')}: {data.get('message', '')}"[:300])
         yield data
         params = next_params(data, params)
-        if params is not None and src.request_interval_s:
-            time.sleep(src.request_interval_s)
+
+
+# Wikimedia serves (and caches) thumbnails only at these widths; any other width is rendered on demand,
+# which its media servers refuse to do for bots (mediawiki.org "Common thumbnail sizes", T414805).
+WIKIMEDIA_THUMB_WIDTHS = (20, 40, 60, 120, 250, 330, 500, 960, 1280, 1920, 3840)
+# upload.wikimedia.org's robot policy: a total concurrency of at most 2. The manifest may go lower, never higher.
+ENFORCED_HOST_LIMITS = {"upload.wikimedia.org": 2}
+
+
+def wikimedia_thumb_width(width: int) -> int:
+    """The largest standard thumbnail width not above ``width`` (the smallest standard one below that)."""
+    fits = [w for w in WIKIMEDIA_THUMB_WIDTHS if w <= width]
+    return fits[-1] if fits else WIKIMEDIA_THUMB_WIDTHS[0]
 
 
 def wikimedia(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterator[Candidate]:
     """Wikimedia Commons file search per query; licence, author and file page from extmetadata."""
     url = src.endpoint or "https://commons.wikimedia.org/w/api.php"
-
-    def next_params(data: dict, params: dict) -> dict | None:
-        cont = data.get("continue")
-        return {**params, **cont} if cont else None
 
     for query in spec.queries:
         params = {
@@ -307,7 +332,14 @@ def wikimedia(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterat
             "iiextmetadatafilter": "LicenseShortName|LicenseUrl|License|Artist|Credit",
         }
         if src.image_width:
-            params["iiurlwidth"] = str(src.image_width)
+            params["iiurlwidth"] = str(wikimedia_thumb_width(src.image_width))
+
+        def next_params(data: dict, _prev: dict, first: dict = params) -> dict | None:
+            # API:Continue: merge `continue` into the ORIGINAL request; merged into the previous one, a
+            # finished module's key (iicontinue) would ride along into the next generator batch.
+            cont = data.get("continue")
+            return {**first, **cont} if cont else None
+
         for data in _api_pages(dl, url, params, src, f"wikimedia {query!r}", next_params):
             items = (data.get("query") or {}).get("pages") or []
             if isinstance(items, dict):  # formatversion=1 shape
@@ -326,10 +358,14 @@ def wikimedia(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterat
 
 
 def inaturalist(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterator[Candidate]:
-    """Research-grade observation photos of the class's taxon (taxon_ids.inaturalist, else its name)."""
+    """Research-grade observation photos of the class's taxon (taxon_ids.inaturalist, else its name).
+
+    Paged by ``id_above`` in ascending id order: page numbers stop at the API's 10,000-result
+    window (page * per_page > 10,000 is refused), ids never do.
+    """
     base = (src.endpoint or "https://api.inaturalist.org/v1").rstrip("/")
-    params = {"quality_grade": "research", "photos": "true", "per_page": "200", "page": "1",
-              "order": "desc", "order_by": "created_at"}
+    params = {"quality_grade": "research", "photos": "true", "per_page": "200",
+              "order": "asc", "order_by": "id", "id_above": "0"}
     taxon = spec.taxon_ids.get("inaturalist")
     if taxon is not None:
         params["taxon_id"] = str(taxon)
@@ -341,10 +377,10 @@ def inaturalist(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iter
     size = "large" if (src.image_width or 1024) <= 1024 else "original"
 
     def next_params(data: dict, params: dict) -> dict | None:
-        page_no = int(params["page"])
-        if not data.get("results") or page_no * int(params["per_page"]) >= int(data.get("total_results") or 0):
-            return None
-        return {**params, "page": str(page_no + 1)}
+        results = data.get("results") or []
+        if len(results) < int(params["per_page"]) or int(data.get("total_results") or 0) <= len(results):
+            return None  # total_results counts what is left above id_above: this page held it all
+        return {**params, "id_above": str(max(int(o["id"]) for o in results))}
 
     query = params.get("taxon_name") or f"taxon:{taxon}"
     for data in _api_pages(dl, f"{base}/observations", params, src, f"inaturalist {spec.name!r}", next_params):
@@ -360,6 +396,96 @@ def inaturalist(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iter
                     license=photo.get("license_code") or "all-rights-reserved",
                     author=user.get("name") or user.get("login") or _text(photo.get("attribution")),
                 )
+
+
+# ---------------------------------------------------------------- Flickr (its REST API, paced)
+
+# flickr.photos.search arguments a manifest may pass as `filters` (the rest are ours to set).
+FLICKR_SEARCH_FILTERS = frozenset({
+    "license", "sort", "content_types", "content_type", "media", "safe_search", "tags", "tag_mode",
+    "min_upload_date", "max_upload_date", "min_taken_date", "max_taken_date", "is_commons", "in_gallery",
+    "orientation", "group_id", "user_id", "privacy_filter", "geo_context", "has_geo",
+})
+# Size URLs asked for in the search itself, largest first up to 1024 px: no getSizes call per photo.
+_FLICKR_SIZES = ("url_l", "url_c", "url_z", "url_o")
+
+
+def flickr_license_code(name: str | None, url: str | None) -> str:
+    """A licence code for one entry of flickr.photos.licenses.getInfo, from its URL or name (not its id)."""
+    url, low = (url or "").strip(), (name or "").lower()
+    if "creativecommons.org" in url:
+        return normalise_license(url)
+    if "government work" in low or "no known copyright" in low or "public domain" in low:
+        return "pd"
+    return normalise_license(name)
+
+
+def flickr_licenses(dl: Downloader, rest: str, key: str, pace: Pace) -> tuple[dict[str, str], str | None]:
+    """(licence id -> code from getInfo, a warning if getInfo failed and the ids 0-10 table stood in)."""
+    pace()
+    data, res = dl.get_json(rest, {"method": "flickr.photos.licenses.getInfo", "api_key": key,
+                                   "format": "json", "nojsoncallback": "1"})
+    items = ((data or {}).get("licenses") or {}).get("license") if isinstance(data, dict) else None
+    if not items:
+        why = data.get("message") if isinstance(data, dict) else f"{res.reason} {res.detail}".strip()
+        return dict(FLICKR), _REDACT._KEY.sub(r"\1***", f"flickr: licenses.getInfo failed ({why}); "
+                                                         f"licence ids above 10 are recorded as unknown")
+    return {str(i.get("id")): flickr_license_code(i.get("name"), i.get("url")) for i in items}, None
+
+
+def flickr(src: SearchEngineSource, spec: ClassSpec, dl: Downloader, warnings: list[str] | None = None) -> Iterator[Candidate]:
+    """Photos from flickr.photos.search, query after query, up to max_per_query each.
+
+    Every call is paced (``request_interval_s``: a key allows 3,600 calls an hour) and counted by the
+    downloader; size URLs come with the search, so getSizes is called only for a photo without any.
+    """
+    check_engine(src)
+    key = os.environ[src.api_key_env]
+    rest = (src.endpoint or "https://api.flickr.com").rstrip("/") + "/services/rest/"
+    pace = Pace(src.request_interval_s)
+    codes, warn = flickr_licenses(dl, rest, key, pace)
+    if warn and warnings is not None:
+        warnings.append(warn)
+    per_page = min(src.max_per_query, 500)  # the API's page-size cap
+    for query in spec.queries:
+        params = {"method": "flickr.photos.search", "api_key": key, "format": "json", "nojsoncallback": "1",
+                  "text": query, "media": "photos", "extras": ",".join(("license", "owner_name") + _FLICKR_SIZES),
+                  "per_page": str(per_page), "page": "1", **{k: str(v) for k, v in src.filters.items()}}
+        got = 0
+
+        def next_params(data: dict, params: dict) -> dict | None:
+            photos = data.get("photos") or {}
+            page = int(params["page"])
+            # Flickr serves at most the first 4,000 results of a search; past them pages repeat
+            if (got >= src.max_per_query or not photos.get("photo") or page >= int(photos.get("pages") or 0)
+                    or page * per_page >= 4000):
+                return None
+            return {**params, "page": str(page + 1)}
+
+        for data in _api_pages(dl, rest, params, src, f"flickr {query!r}", next_params, pace):
+            for photo in (data.get("photos") or {}).get("photo") or []:
+                if got >= src.max_per_query:
+                    break
+                url = next((photo[k] for k in _FLICKR_SIZES if photo.get(k)), None) or _flickr_size(dl, rest, key, photo, pace)
+                if not url:
+                    continue
+                got += 1
+                lic = str(photo.get("license"))
+                yield candidate(url, spec.name, "flickr", query=query,
+                                page_url=f"https://www.flickr.com/photos/{photo.get('owner')}/{photo.get('id')}",
+                                license=codes.get(lic, "unknown"), license_raw=f"flickr license id {lic}",
+                                author=photo.get("ownername"))
+
+
+def _flickr_size(dl: Downloader, rest: str, key: str, photo: dict, pace: Pace) -> str | None:
+    """The best size up to 1024 px from flickr.photos.getSizes (one paced call), or None."""
+    pace()
+    data, _ = dl.get_json(rest, {"method": "flickr.photos.getSizes", "api_key": key, "photo_id": str(photo.get("id")),
+                                 "format": "json", "nojsoncallback": "1"})
+    if not isinstance(data, dict) or data.get("stat") != "ok":
+        return None
+    sizes = {str(s.get("label")).lower(): s.get("source") for s in (data.get("sizes") or {}).get("size") or []}
+    return next((sizes[k] for k in ("large", "medium 800", "medium 640", "medium", "original") if sizes.get(k)), None)
 
 
 def gbif(src: LicensedApiSource, spec: ClassSpec, dl: Downloader) -> Iterator[Candidate]:

@@ -4,13 +4,15 @@ Also the append-only parquet tables stages keep beside the catalog (sightings, c
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     import polars as pl
@@ -33,6 +35,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries: after a rename, a power cut must not bring the old name back."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 class ImageStore:
@@ -62,7 +83,13 @@ class PartsTable:
     Appending writes a new part (temp file + rename), so concurrent writers never collide and a
     crash never leaves a torn file; readers concatenate the parts. ``compact`` merges them into
     one, writing the merged part before removing any old one.
+
+    One lock file per table (flock, across processes): appends and reads hold it shared,
+    ``compact`` exclusive, so a compaction never deletes a part another process is writing or
+    reading, and never runs while an append is half done.
     """
+
+    LOCK_NAME = "parts.lock"
 
     def __init__(self, root: str | Path, schema: dict):
         self.root = Path(root)
@@ -71,10 +98,25 @@ class PartsTable:
     def parts(self) -> list[Path]:
         return sorted(self.root.glob("part-*.parquet")) if self.root.exists() else []
 
-    def append(self, frame: "pl.DataFrame") -> Path | None:
-        if frame.is_empty():
-            return None
-        self.root.mkdir(parents=True, exist_ok=True)
+    @contextmanager
+    def locked(self, *, exclusive: bool) -> Iterator[None]:
+        """The table's lock: shared for appends and reads, exclusive for compaction."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fh = open(self.root / self.LOCK_NAME, "a+")
+        except OSError:
+            if exclusive:
+                raise
+            yield  # a read-only copy of a workspace: nobody can be compacting it
+            return
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _write_part(self, frame: "pl.DataFrame") -> Path:
         # Time-ordered names: later parts win when a reader keeps the last of duplicate keys.
         path = self.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = self.root / f".{path.name}.tmp"
@@ -85,19 +127,46 @@ class PartsTable:
             tmp.unlink(missing_ok=True)
         return path
 
-    def read(self) -> "pl.DataFrame":
+    def append(self, frame: "pl.DataFrame") -> Path | None:
+        if frame.is_empty():
+            return None
+        with self.locked(exclusive=False):
+            return self._write_part(frame)
+
+    def _read(self, parts: list[Path]) -> "pl.DataFrame":
         import polars as pl
 
-        parts = self.parts()
         if not parts:
             return pl.DataFrame(schema=self.schema)
         return pl.concat([pl.read_parquet(p) for p in parts], how="vertical_relaxed")
 
-    def compact(self, frame: "pl.DataFrame | None" = None) -> None:
-        """Replace every part by one holding ``frame`` (default: everything read)."""
-        old = self.parts()
-        if len(old) <= 1 and frame is None:
+    def read(self) -> "pl.DataFrame":
+        if not self.parts():
+            return self._read([])
+        with self.locked(exclusive=False):
+            return self._read(self.parts())
+
+    def compact(self, frame: "pl.DataFrame | None" = None, *, key: str = "image_id") -> None:
+        """Replace every part by one holding ``frame`` (default: everything read).
+
+        ``frame`` replaces the rows of the ``key`` values it holds; rows of other keys still in the
+        parts are kept: they were appended after the caller read ``frame`` (outside this lock), and
+        dropping them would lose a concurrent writer's work.
+        """
+        import polars as pl
+
+        if not self.root.exists():
             return
-        self.append(self.read() if frame is None else frame)
-        for p in old:
-            p.unlink(missing_ok=True)
+        with self.locked(exclusive=True):
+            old = self.parts()
+            if len(old) <= 1 and frame is None:
+                return
+            current = self._read(old)
+            if frame is None:
+                merged = current
+            else:
+                late = current.filter(~pl.col(key).is_in(frame[key].implode())) if key in current.columns else current.clear()
+                merged = pl.concat([frame, late], how="vertical_relaxed") if late.height else frame
+            self._write_part(merged)
+            for p in old:
+                p.unlink(missing_ok=True)

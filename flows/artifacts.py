@@ -22,7 +22,7 @@ from prefect.artifacts import (
 from curation import catalog, report
 from curation.catalog import Workspace
 from curation.config import Manifest
-from flows.common import artifact_key
+from flows.common import artifact_key, brief
 
 # Files under a workspace worth linking from a run: plots, cards, metrics, reports.
 OUTPUT_SUFFIXES = {".png", ".svg", ".html", ".md", ".json", ".csv", ".yaml"}
@@ -100,11 +100,8 @@ def catalog_report(m: Manifest, ws: Workspace, stages: dict[str, dict | list], *
     if stages:
         lines += ["## Stages", ""]
         for name, s in stages.items():
-            if isinstance(s, list):
-                lines.append(f"- **{name}**: {len(s)} rows (table artifact)")
-                continue
-            brief = ", ".join(f"{k}={v}" for k, v in s.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool))
-            lines.append(f"- **{name}**: {brief or 'done'}")
+            # the same line the parent flow logs: scalars and small mappings (e.g. the pull's problems)
+            lines.append(f"- **{name}**: {brief(s)}" + (" (table artifact)" if isinstance(s, list) else ""))
         lines.append("")
     lines += ["## Images per class and status", "", report.markdown_table(counts) if counts.height else "_empty catalog_", ""]
     if sources.height:

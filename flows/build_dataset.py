@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows import artifacts
-from flows.common import open_run
+from flows.common import brief, open_run
+from flows.failures import log_failure
 from flows.locks import workspace_slot
 from flows.stages import BUILD, call_stage
 
@@ -43,9 +44,10 @@ def build_dataset(
                 try:
                     summaries[name] = call_stage(name, manifest, workdir, overrides, dask_address)
                 except Exception as exc:
-                    # One line with the stage's own message, shown by `prefect deployment run --watch`.
-                    log.error("stage %s failed: %s: %s", name, type(exc).__name__, exc)
+                    # `--watch` shows this flow's log, not the subflow's: the cause line, then the traceback.
+                    log_failure(log, name, exc, traceback=True)
                     raise
+                log.info("%s: %s", name, brief(summaries[name]))  # the subflow's result, in the log users watch
                 bar.done(i, name)
             title = "build-dataset"
         finally:

@@ -69,6 +69,26 @@ def combine(parts: list[dict]) -> dict:
     return out
 
 
+def brief(summary: Any, limit: int = 600) -> str:
+    """One log line for a stage's plain summary: its scalars, its small mappings flattened (e.g. the
+    pull's ``problems``), list sizes; a list of rows (review status) by its length."""
+    if isinstance(summary, list):
+        return f"{len(summary)} rows"
+    if not isinstance(summary, dict):
+        return str(summary)[:limit]
+    parts = []
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            inner = ", ".join(f"{kk}={vv}" for kk, vv in v.items() if not isinstance(vv, (dict, list)))
+            parts.append(f"{k}: {inner or 'none'}")
+        elif isinstance(v, list):
+            parts.append(f"{k}: {len(v)}")
+        elif v is not None and v != "":
+            parts.append(f"{k}={v}")
+    text = "; ".join(parts) or "done"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def artifact_key(*parts: str) -> str:
     """Artifact keys allow lowercase letters, digits and dashes only."""
     key = "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts if p)

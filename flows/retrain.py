@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.common import open_run
+from flows.common import brief, open_run
+from flows.failures import log_failure
 from flows.locks import workspace_slot
 
 
@@ -39,16 +40,30 @@ def retrain(
     log = get_run_logger()
     m, ws = open_run(manifest, workdir, overrides)
     out: dict = {"workspace": str(ws.root)}
+
+    def step(name: str, fn, **kwargs):
+        # Subflows log into their own runs; `--watch retrain` shows this run's log, so their
+        # results and failures are repeated here: the cause line first, the traceback once.
+        try:
+            result = fn(**kwargs)
+        except Exception as exc:
+            log_failure(log, name, exc, traceback=True)
+            raise
+        for stage, summary in (result.get("stages") or {"": result}).items() if isinstance(result, dict) else ():
+            log.info("%s: %s", stage or name, brief(summary))
+        return result
+
     with workspace_slot(m.name):
         if rescrape:
-            out["build"] = build_dataset(manifest=manifest, workdir=workdir, overrides=overrides, dask_address=dask_address)
+            out["build"] = step("build-dataset", build_dataset, manifest=manifest, workdir=workdir, overrides=overrides,
+                                dask_address=dask_address)
         if m.retrain.collect_review if collect_review is None else collect_review:
-            out["review"] = collect(manifest=manifest, workdir=workdir, overrides=overrides)
-        pub = publish_flow(manifest=manifest, workdir=workdir, overrides=overrides)
+            out["review"] = step("collect-review", collect, manifest=manifest, workdir=workdir, overrides=overrides)
+        pub = step("publish", publish_flow, manifest=manifest, workdir=workdir, overrides=overrides)
         out["publish"] = {k: pub.get(k) for k in ("version", "changed", "images", "per_split", "diff", "skipped")}
         if pub.get("skipped") and not pub.get("folder"):
             log.info("nothing published yet (%s): nothing to train", pub["skipped"])
             return out
-        out["train"] = call_train(manifest=manifest, workdir=workdir, overrides=overrides, dataset=pub["folder"],
-                                  force=force, push_model=push_model, dask_address=dask_address)
+        out["train"] = step("train", call_train, manifest=manifest, workdir=workdir, overrides=overrides,
+                            dataset=pub["folder"], force=force, push_model=push_model, dask_address=dask_address)
     return out

@@ -22,7 +22,8 @@ from prefect.cache_policies import NO_CACHE
 from curation import progress
 from curation.config import FolderSource, Manifest
 from flows import artifacts
-from flows.common import combine, open_run, plain
+from flows.common import brief, combine, open_run, plain
+from flows.failures import log_failure
 from flows.runners import task_runner_for
 
 
@@ -97,15 +98,20 @@ def restrict(m: Manifest, part: dict | None) -> Manifest:
 def stage_task(stage: str, manifest: str, workdir: str | None = None, overrides: dict | None = None,
                part: dict | None = None) -> dict | list:
     """Run one stage (or one part of it) and return its summary as plain data."""
-    m, ws = open_run(manifest, workdir, overrides)
-    with progress.listening(artifacts.Progress(stage if not part else f"{stage} {part}")):
-        summary = BY_NAME[stage].call(restrict(m, part), ws)
+    try:
+        m, ws = open_run(manifest, workdir, overrides)
+        with progress.listening(artifacts.Progress(stage if not part else f"{stage} {part}")):
+            summary = BY_NAME[stage].call(restrict(m, part), ws)
+    except Exception as exc:
+        # The cause on the task's own page; the flow above it logs the traceback, once.
+        log_failure(get_run_logger(), stage if not part else f"{stage} {part}", exc, traceback=False)
+        raise
     return plain(summary) if summary is not None else {}
 
 
 # Errors that say the setup is wrong (a missing file or key, a bad manifest): retrying cannot help.
-_PERMANENT = ("ManifestError", "SourceError", "ReviewError", "ClipSetupError", "WeightsUnavailable", "PublishError",
-              "FileNotFoundError", "ValueError", "KeyError", "TypeError")
+_PERMANENT = ("JurassiclassError", "ManifestError", "SourceError", "ReviewError", "ClipSetupError", "WeightsUnavailable",
+              "PublishError", "FileNotFoundError", "ValueError", "KeyError", "TypeError")
 
 
 def _transient(task, task_run, state) -> bool:
@@ -138,6 +144,18 @@ def _task_run_name() -> str:
 
 def run_stage(stage: str, manifest: str, workdir: str | None, overrides: dict | None) -> dict | list:
     """Body of every stage flow: run the stage's task(s), publish its summary, return it."""
+    from prefect.runtime import flow_run
+
+    try:
+        return _run_stage(stage, manifest, workdir, overrides)
+    except Exception as exc:
+        # Run on its own (a deployment of one stage), this flow is the one users watch: the
+        # traceback goes here. As a subflow, its parent logs it where `--watch` shows it.
+        log_failure(get_run_logger(), stage, exc, traceback=flow_run.parent_flow_run_id is None)
+        raise
+
+
+def _run_stage(stage: str, manifest: str, workdir: str | None, overrides: dict | None) -> dict | list:
     st = BY_NAME[stage]
     m, _ = open_run(manifest, workdir, overrides)
     t = _task_for(st)
@@ -158,7 +176,7 @@ def run_stage(stage: str, manifest: str, workdir: str | None, overrides: dict | 
             # Parts that finished are in the catalog; a re-run redoes only the failed ones' work.
             raise RuntimeError(f"{stage} failed for {len(failed)} of {len(parts)} parts: " + "; ".join(failed))
         summary = combine(results)
-    get_run_logger().info("%s: %s", stage, summary)
+    get_run_logger().info("%s: %s", stage, brief(summary))
     artifacts.stage_summary(m, stage, summary)
     return summary
 

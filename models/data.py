@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +22,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from curation.config import Balance, TrainSettings
+from curation.errors import JurassiclassError
+from curation.workers import die_with_parent, worker_context  # shared with dedup's hashing pool
 
 LETTERBOX_FILL = 0.8  # the seed's long side / canvas side
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(JurassiclassError, RuntimeError):
     """The published dataset cannot be found or read; the message says which and why."""
 
 
@@ -268,34 +269,6 @@ def default_workers(accelerator_is_cuda: bool) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # On CPU the model step wants the cores: one decoder process overlaps decoding with compute.
     return min(8, cores) if accelerator_is_cuda else min(1, cores - 1)
-
-
-def worker_context(workers: int):
-    """How DataLoader workers start: forked (fast) from a plain process; spawned when this process
-    handles SIGTERM itself (an orchestrator's flow-run process, e.g. Prefect's). Forked workers
-    inherit that handler, so the SIGTERM that ends a worker raises the orchestrator's termination
-    exception in it (exit code 1) and torch reports a crashed worker. Spawned workers start clean
-    and stay children of this process, so they notice when it is killed and exit with it (a fork
-    server would outlive it and keep the run's output pipe open)."""
-    if workers == 0 or signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
-        return None
-    import multiprocessing as mp
-
-    return mp.get_context("spawn")
-
-
-def die_with_parent(_worker_id: int) -> None:
-    """Loader worker init (Linux): the kernel kills the worker when the training process dies, even
-    by SIGKILL. Otherwise a worker blocked on a full queue outlives it, holding the run's output
-    pipe open, and an orchestrator never sees the run end."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: torch's own parent watchdog remains
-        return
-    if os.getppid() == 1:  # the parent died before the line above took effect
-        os._exit(0)
 
 
 class FoldData(L.LightningDataModule):

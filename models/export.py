@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from curation.errors import JurassiclassError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(JurassiclassError, FileNotFoundError):
     """No exported model where `predict` was pointed."""
 
 

@@ -14,16 +14,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from curation import hub
 from curation.config import Hyper, ModelSpec, TrainMode
+from curation.errors import JurassiclassError
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(JurassiclassError, RuntimeError):
     """Pretrained weights cannot be loaded (offline, missing file); the message is one sentence."""
 
 
 def _first_line(exc: BaseException) -> str:
+    # Whole, never cut mid-word; the trailing full stop is ours to add.
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+    return (text[0] if text else type(exc).__name__).rstrip(".")
 
 
 def create(spec: ModelSpec, num_classes: int) -> nn.Module:
@@ -50,11 +53,15 @@ def create(spec: ModelSpec, num_classes: int) -> nn.Module:
             ) from exc
     if not spec.pretrained:
         return timm.create_model(spec.arch, pretrained=False, num_classes=num_classes)
+    unreachable = None
     try:
-        return timm.create_model(spec.arch, pretrained=True, num_classes=num_classes)
+        # An unreachable hub costs one short probe, not ~50 s of retries; cached weights still load.
+        with hub.fail_fast() as unreachable:
+            return timm.create_model(spec.arch, pretrained=True, num_classes=num_classes)
     except Exception as exc:
+        why = f"they are not in the local cache and {unreachable}" if unreachable else _first_line(exc)
         raise WeightsUnavailable(
-            f"pretrained weights for timm model {spec.arch!r} cannot be downloaded here ({_first_line(exc)}); "
+            f"pretrained weights for timm model {spec.arch!r} cannot be downloaded here ({why}); "
             f"set train.models[{spec.name}].weights to a local file or pretrained: false."
         ) from exc
 

@@ -29,10 +29,11 @@ from typing import Iterator
 import numpy as np
 
 from curation.catalog import Workspace
+from curation.errors import JurassiclassError
 from curation.store import atomic_write_bytes
 
 
-class RegistryError(RuntimeError):
+class RegistryError(JurassiclassError, RuntimeError):
     """A registry request that cannot be done (unknown id, a model not trained)."""
 
 

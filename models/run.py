@@ -21,6 +21,7 @@ import yaml
 
 from curation.catalog import Workspace
 from curation.config import Hyper, Manifest, ModelSpec, TrainSettings, dump_manifest
+from curation.errors import JurassiclassError
 from models import cv, export, label_issues, metrics
 from models.data import DatasetUnavailable, Published, latest_published, load_published
 from models.fit import fit
@@ -28,7 +29,7 @@ from models.fit import fit
 CONFIG = "config.json"
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(JurassiclassError, ValueError):
     """The training settings do not fit the dataset (too few folds, leaking groups, unknown model)."""
 
 

@@ -1,3 +1,5 @@
+import os
+
 import polars as pl
 import pytest
 
@@ -32,17 +34,17 @@ def test_write_refuses_to_lose_rows(workspace):
 def test_write_is_atomic_on_failure(workspace, monkeypatch):
     df, _ = catalog.add(catalog.read(workspace), catalog.rows_frame([row("x")]))
     catalog.write(workspace, df)
-    before = workspace.catalog_path.read_bytes()
+    before = catalog.version(workspace), workspace.catalog_path.read_bytes()
     df2, _ = catalog.add(df, catalog.rows_frame([row("y")]))
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pl.DataFrame, "write_parquet", boom)
+    monkeypatch.setattr(pl.DataFrame, "write_delta", boom)
     with pytest.raises(OSError):
         catalog.write(workspace, df2)
-    assert workspace.catalog_path.read_bytes() == before
-    assert not list(workspace.root.glob(".catalog.*.parquet"))
+    assert (catalog.version(workspace), workspace.catalog_path.read_bytes()) == before
+    assert catalog.read(workspace)["image_id"].to_list() == ["x"]
 
 
 def test_update_sets_only_listed_rows_and_adds_columns(workspace):
@@ -64,3 +66,266 @@ def test_counts_table(workspace):
         "label": "a", "candidate": 1, "rejected": 1, "accepted": 0, "total": 2,
     }
     assert catalog.reasons(df).row(0) == ("too_small", 1)
+
+
+_KILLED_WRITER = r"""
+import sys
+
+import polars as pl
+from curation import catalog
+
+ws = catalog.Workspace(sys.argv[1])
+n = int(sys.argv[2])
+
+def frame(rows):
+    return pl.DataFrame({
+        "image_id": [f"{i * 7919 % 65536:04x}{i:060x}" for i in range(rows)],
+        "label": [f"class-{i % 97}" for i in range(rows)],
+        "note": [f"a note long enough to take some writing {i}" for i in range(rows)],
+    })
+
+catalog.write(ws, frame(n))
+big = frame(n * 4).with_columns(pl.lit("changed").alias("label"))  # new rows and every old row changed
+print("go", flush=True)
+catalog.write(ws, big)
+print("done", flush=True)
+"""
+
+
+def _data_files(ws):
+    found = set()
+    for d, _, names in os.walk(ws.table_path):  # tolerates directories vanishing mid-walk
+        if "_delta_log" not in d:
+            found |= {os.path.join(d, n) for n in names if n.endswith(".parquet")}
+    return found
+
+
+def test_writer_killed_mid_write_leaves_the_previous_version(workspace, tmp_path):
+    """SIGKILL skips every finally: only commits that never touch the files of the last version
+    keep it readable. Rewriting files in place fails here (a torn or empty catalog); the dead
+    writer's files stay unnamed by the log until vacuum removes them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "writer.py"
+    script.write_text(_KILLED_WRITER)
+    n = 6_000
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(script), str(workspace.root), str(n)], cwd=root,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert proc.stdout.readline() == "go\n"
+        before = _data_files(workspace)
+        deadline = time.monotonic() + 60
+        # Kill as soon as the new version's bytes start to land, wherever the writer puts them.
+        while _data_files(workspace) <= before:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        rest = proc.stdout.read()
+        proc.wait()
+    assert "done" not in rest, "the writer finished before the kill: make the frame bigger"
+    assert catalog.version(workspace) == 0
+    got = catalog.read(workspace)  # the previous version, whole
+    assert got.height == n and set(got["label"].unique()) != {"changed"}
+    orphans = _data_files(workspace) - before
+    assert orphans, "no new file left: the kill did not land mid-write"
+
+    df, _ = catalog.add(got, catalog.rows_frame([row("new")]))
+    catalog.write(workspace, df)
+    assert catalog.read(workspace).height == n + 1
+    catalog.maintain(workspace, retention_hours=0)
+    assert not any(os.path.exists(p) for p in orphans)
+    assert catalog.read(workspace).height == n + 1
+
+
+def test_commit_is_fsynced(workspace, monkeypatch):
+    """delta-rs renames the log entry into place without syncing: without an fsync of the entry
+    and its directory, a power cut can take back a commit the caller was told succeeded."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    catalog.write(workspace, catalog.rows_frame([row("x")]))
+    monkeypatch.setattr(os, "fsync", fsync)
+    catalog.append(workspace, catalog.rows_frame([row("y")]))
+    log = workspace.table_path / "_delta_log"
+    assert str(log / f"{1:020d}.json") in synced and str(log) in synced
+    assert any(p.endswith(".parquet") and f"_bucket={catalog.INBOX}" in p for p in synced)
+
+
+# ---------------------------------------------------------------- Delta: append, merge, versions
+
+
+def _ids(k, prefix=""):
+    return [f"{prefix}{i:02x}{'0' * 60}{i:02x}" for i in range(k)]
+
+
+def _remove_paths(ws, v):
+    import json
+
+    log = ws.table_path / "_delta_log" / f"{v:020d}.json"
+    return [json.loads(x)["remove"]["path"] for x in log.read_text().splitlines() if "remove" in json.loads(x)]
+
+
+def test_appends_and_merges_keep_every_row_and_decision(workspace):
+    catalog.append(workspace, catalog.rows_frame([row(i) for i in _ids(40)]))
+    ids = _ids(40)
+    reviewed = pl.DataFrame({"image_id": ids[:10], "review_decision": ["accept"] * 5 + ["reject"] * 5})
+    assert catalog.merge(workspace, reviewed) == 10
+    # A later stage's columns for other rows, plus ids the catalog does not have (ignored).
+    scores = pl.DataFrame({"image_id": ids[5:20] + ["ff" * 32], "clip_score": [0.5] * 15 + [0.9]})
+    assert catalog.merge(workspace, scores) == 15
+    assert catalog.append(workspace, catalog.rows_frame([row(i, label="b") for i in _ids(5, "f")])) == 5
+    v = catalog.version(workspace)
+    # a stale full-frame write from a stage that never saw review_decision keeps the decisions
+    df = catalog.read(workspace).drop("review_decision").with_columns(pl.lit("checked").alias("note"))
+    catalog.write(workspace, df)
+
+    got = catalog.read(workspace)
+    assert got.height == 45 and got["image_id"].to_list() == ids + _ids(5, "f")
+    assert got["review_decision"].to_list() == ["accept"] * 5 + ["reject"] * 5 + [None] * 35
+    assert got["clip_score"].to_list() == [None] * 5 + [0.5] * 15 + [None] * 25
+    assert got["note"].to_list() == ["checked"] * 45
+    assert catalog.read(workspace, version=v)["note"].to_list() == [None] * 45
+    assert catalog.version(workspace) == v + 1
+
+
+def test_merge_rewrites_only_the_buckets_it_changes(workspace):
+    ids = [f"{b:02x}{i:062x}" for b in range(16) for i in range(4)]
+    catalog.write(workspace, catalog.rows_frame([row(i) for i in ids[:32]]))
+    catalog.append(workspace, catalog.rows_frame([row(i) for i in ids[32:]]))  # into the inbox
+    catalog.merge(workspace, pl.DataFrame({"image_id": [ids[0], ids[5]], "status": ["rejected", "accepted"]}))
+    removed = _remove_paths(workspace, catalog.version(workspace))
+    assert removed and {p.split("/")[0] for p in removed} == {"_bucket=00", "_bucket=01"}
+    # a row still in the inbox: the inbox is rewritten with it, the other buckets are not
+    catalog.merge(workspace, pl.DataFrame({"image_id": [ids[40]], "status": ["accepted"]}))
+    removed = _remove_paths(workspace, catalog.version(workspace))
+    assert {p.split("/")[0] for p in removed} == {"_bucket=in"}
+    # maintenance moves the inbox's rows to their buckets, keeping every row and value
+    assert catalog.maintain(workspace, drain=False)["inbox_rows_moved"] == 0  # not full yet
+    assert catalog.maintain(workspace)["inbox_rows_moved"] == 32
+    assert not any("_bucket=in" in u for u in catalog._open(workspace).file_uris())
+    got = catalog.read(workspace)
+    assert got["image_id"].to_list() == ids
+    assert got["status"].to_list().count("accepted") == 2 and got["status"][0] == "rejected"
+
+
+def test_merge_adds_columns_and_keeps_types(workspace):
+    catalog.append(workspace, catalog.rows_frame([row(i) for i in _ids(3)]))
+    catalog.merge(workspace, pl.DataFrame({"image_id": _ids(1), "fold": pl.Series([2], dtype=pl.Int8),
+                                           "seen": [catalog.utcnow()]}))
+    got = catalog.read(workspace)
+    assert got.schema["fold"] == pl.Int8 and got.schema["retrieved_at"] == pl.Datetime("us", "UTC")
+    assert got["fold"].to_list() == [2, None, None]
+    # a later frame with the column as a wider type is stored in the table's type
+    catalog.merge(workspace, pl.DataFrame({"image_id": _ids(3)[1:], "fold": [1, 0]}))
+    assert catalog.read(workspace)["fold"].to_list() == [2, 1, 0]
+
+
+def test_versions_are_readable_and_bounded(workspace):
+    assert catalog.version(workspace) is None and catalog.read(workspace).height == 0
+    catalog.append(workspace, catalog.rows_frame([row("x")]))
+    catalog.append(workspace, catalog.rows_frame([row("y")]))
+    assert catalog.version(workspace) == 1
+    assert catalog.read(workspace, version=0)["image_id"].to_list() == ["x"]
+    with pytest.raises(catalog.CatalogVersionError, match="version 7 does not exist"):
+        catalog.read(workspace, version=7)
+
+
+def test_periodic_compaction_and_vacuum_keep_rows(workspace, monkeypatch):
+    monkeypatch.setattr(catalog, "COMPACT_EVERY", 4)
+    monkeypatch.setattr(catalog, "INBOX_MAX_ROWS", 3)  # the inbox is drained once it holds 3 rows
+    ids = [f"aa{i:062x}" for i in range(6)]
+    for i in ids:
+        catalog.append(workspace, catalog.rows_frame([row(i)]))
+    live = catalog._open(workspace).file_uris()
+    assert len(live) < 6, "the inbox should have been drained and its bucket compacted"
+    assert catalog._inbox_rows(catalog._open(workspace)) < 3
+    assert catalog.read(workspace)["image_id"].to_list() == ids
+    assert catalog.read(workspace, version=2).height == 3  # inside the retention: still readable
+    catalog.maintain(workspace, retention_hours=0)
+    with pytest.raises(catalog.CatalogVersionError):
+        catalog.read(workspace, version=2)
+    assert catalog.read(workspace)["image_id"].to_list() == ids
+
+
+_CONCURRENT = r"""
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+from curation import catalog
+
+ws, col, rounds = catalog.Workspace(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+other = {"a": "b", "b": "a"}[col]
+for r in range(rounds):  # a stage counting in its own column: each round adds one
+    with catalog.locked(ws):
+        df = catalog.ensure_columns(catalog.read(ws), {col: pl.Int64})
+        # The stage's work between reading and committing, long enough for the other stage to
+        # read too when nothing keeps it out (the other's marker shows it has).
+        (ws.root / f"read-{col}-{r}").touch()
+        deadline = time.monotonic() + 0.3
+        while not (ws.root / f"read-{other}-{r}").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        df = df.with_columns(pl.col(col).fill_null(0) + 1)
+        if r % 2:
+            catalog.merge(ws, df.select("image_id", col))
+        else:  # the whole frame back, as most stages do
+            catalog.write(ws, df)
+"""
+
+
+def test_two_processes_committing_at_once_lose_no_update(workspace, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ids = [f"{b}{i:062x}" for b in ("00", "01") for i in range(16)]  # two buckets: every commit collides
+    catalog.write(workspace, catalog.rows_frame([row(i) for i in ids]))
+    script = tmp_path / "stage.py"
+    script.write_text(_CONCURRENT)
+    root = Path(__file__).resolve().parents[2]
+    rounds = 4
+    env = {**os.environ, "PYTHONPATH": str(root)}  # this checkout's code, not whatever is installed
+    procs = [subprocess.Popen([sys.executable, str(script), str(workspace.root), col, str(rounds)], cwd=root, env=env)
+             for col in ("a", "b")]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    got = catalog.read(workspace)
+    assert got.height == 32
+    assert got["a"].to_list() == [rounds] * 32 and got["b"].to_list() == [rounds] * 32
+
+
+def test_parquet_workspace_is_migrated_on_first_use(workspace):
+    legacy = catalog.rows_frame([row("x", review_decision="accept"), row("y", status="rejected", reason="dup")])
+    legacy.write_parquet(workspace.legacy_catalog_path)
+    got = catalog.read(workspace)
+    assert got.select(legacy.columns).equals(legacy)
+    assert catalog.version(workspace) == 0 and not workspace.legacy_catalog_path.exists()
+    kept = workspace.root / "catalog.parquet.migrated"
+    assert pl.read_parquet(kept).equals(legacy)
+    catalog.append(workspace, catalog.rows_frame([row("z")]))
+    assert catalog.read(workspace)["image_id"].to_list() == ["x", "y", "z"]
+    # a crash after the table was written but before the rename: the rename happens, nothing is doubled
+    legacy.write_parquet(workspace.legacy_catalog_path)
+    assert catalog.read(workspace).height == 3 and catalog.version(workspace) == 1
+    assert not workspace.legacy_catalog_path.exists()
+
+
+def test_catalog_path_marks_each_commit(workspace):
+    assert not workspace.catalog_path.exists()
+    catalog.append(workspace, catalog.rows_frame([row("x")]))
+    first = workspace.catalog_path.read_bytes()
+    catalog.write(workspace, catalog.read(workspace))  # nothing changed: no commit
+    assert workspace.catalog_path.read_bytes() == first
+    catalog.merge(workspace, pl.DataFrame({"image_id": ["x"], "status": ["accepted"]}))
+    assert workspace.catalog_path.read_bytes() != first

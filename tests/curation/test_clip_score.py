@@ -366,3 +366,103 @@ def test_batched_normalisation_equals_the_models_own_preprocessing(tmp_path, tin
     with torch.inference_mode():
         ref = torch.nn.functional.normalize(clip.model.encode_image(x), dim=-1).numpy()
     np.testing.assert_allclose(emb, ref, rtol=0, atol=1e-6)
+
+
+def test_unreachable_hub_fails_fast_with_the_whole_sentence(tmp_path):
+    """HF_HUB_OFFLINE unset and the hub down: one short probe instead of ~50 s of retries, and the
+    message whole (it used to be cut mid-word at 200 characters)."""
+    from tests.unreachable_hub import load_in_fresh_process
+
+    (got,) = load_in_fresh_process("clip", tmp_path / "hf")
+    assert got["error"] == "WeightsUnavailable" and got["seconds"] < 5, got
+    msg = got["message"]
+    assert msg.startswith("CLIP weights ViT-B-32 'laion2b_s34b_b79k'") and "\n" not in msg
+    assert "not in the local Hugging Face cache and the Hugging Face hub at http://127.0.0.1:" in msg
+    assert "cannot be reached (ConnectError: [Errno 111] Connection refused)" in msg
+    assert msg.endswith("(clip.skip_if_unavailable: true continues without scores, marking images skipped)"), msg
+
+
+def test_embedding_cache_is_per_device_class_and_precision(tiny_clip, tmp_path):
+    import torch
+
+    m = make_manifest(tmp_path, tiny_clip)
+    fp32 = clip_score.load_model(m.clip)
+    bf16 = clip_score.load_model(make_manifest(tmp_path, tiny_clip, precision="bf16").clip)
+    assert fp32.autocast_dtype is None and bf16.autocast_dtype is torch.bfloat16
+    assert fp32.cache_key != bf16.cache_key and "-cpu-fp32-" in fp32.cache_key and "-cpu-bfloat16-" in bf16.cache_key
+    # fp32 on a GPU is still not fp32 on a CPU (different kernels): the device class is in the key too.
+    key = clip_score.embedding_cache_key
+    assert key("m", "id", "cuda", None) != key("m", "id", "cpu", None)
+    assert key("m", "id", "cuda", torch.bfloat16) != key("m", "id", "cuda", torch.float16)
+    assert key("m", "x", "cpu", None) != key("m", "y", "cpu", None)  # other weights, other cache
+
+
+def test_clip_error_keeps_the_normalisation_note(tmp_path, workspace, tiny_clip):
+    root = tmp_path / "tree"
+    make_tree(root, per_class=1)
+    support.write(root / "cat" / "rotated.jpg", support.exif_rotated_jpeg(seed=5, orientation=6))
+    m = make_manifest(root, tiny_clip)
+    ingest.run(m, workspace, show_progress=False)
+    df = catalog.read(workspace)
+    row = df.filter(pl.col("note").str.contains("exif-orientation:6")).row(0, named=True)
+    stored = workspace.abspath(row["path"])
+    stored.chmod(0o644)
+    stored.write_bytes(support.truncated_jpeg())  # the stored file went bad after ingest
+    clip_score.run(m, workspace, show_progress=False)
+    got = catalog.read(workspace).filter(pl.col("image_id") == row["image_id"]).row(0, named=True)
+    assert (got["clip_decision"], got["reason"]) == ("error", "unreadable")
+    assert got["note"].startswith(row["note"] + "; clip: "), got["note"]
+
+
+def test_percentile_cuts_are_kept_across_runs_and_reviews(tmp_path, workspace, tiny_clip):
+    """A percentile cut is computed once over the class's stable population and stored: re-running
+    after a reviewer confirmed the rejections rejects nothing new (it used to reject the next slice
+    of what was left), and a few new images are judged against the same cut."""
+    root = tmp_path / "tree"
+    make_tree(root, per_class=10)
+    m = make_manifest(root, tiny_clip, thresholds={**OFF, "min_margin": "20%"})
+    ingest.run(m, workspace, show_progress=False)
+    clip_score.run(m, workspace, show_progress=False)
+    df = catalog.read(workspace)
+    rejected = set(df.filter(pl.col("reason") == "off_topic")["image_id"])
+    assert len(rejected) == 6  # 2 of 10 per class
+    cuts_file = workspace.stage_dir("score") / clip_score.CUTS_FILE
+    first = json.loads(cuts_file.read_text())
+    assert {c: first[c]["n"] for c in CLASSES} == {c: 10 for c in CLASSES}
+
+    # A reviewer confirms the rejections: those images leave what this stage decides.
+    df = catalog.update(df, pl.DataFrame({"image_id": sorted(rejected), "review_decision": "reject",
+                                          "reason": "reviewer_rejected"}))
+    catalog.write(workspace, df)
+    clip_score.run(m, workspace, show_progress=False)
+    clip_score.run(m, workspace, show_progress=False)
+    df = catalog.read(workspace)
+    assert df.filter(pl.col("reason") == "off_topic").height == 0, "a new slice was rejected"
+    assert json.loads(cuts_file.read_text()) == first
+
+    # One new image per class (10%): the stored cut decides it; the others keep their decisions.
+    make_tree(root, per_class=1, offset=50)
+    ingest.run(m, workspace, show_progress=False)
+    before = dict(zip(df["image_id"], df["clip_decision"]))
+    clip_score.run(m, workspace, show_progress=False)
+    after = catalog.read(workspace)
+    assert json.loads(cuts_file.read_text()) == first
+    assert {i: d for i, d in zip(after["image_id"], after["clip_decision"]) if i in before} == before
+    new = after.filter(~pl.col("image_id").is_in(list(before)))
+    for r in new.iter_rows(named=True):
+        want = "off_topic" if r["clip_margin"] < first[r["label"]]["cuts"]["min_margin"] else "kept"
+        assert r["clip_decision"] == want
+
+
+def test_percentile_cuts_are_recomputed_on_new_settings_or_a_grown_population():
+    m = make_manifest(Path("."), None, thresholds={**OFF, "min_margin": "50%"})
+    pop = _frame([(f"c{i}", "cat", 0.3, i / 10, 0.9, "cat", 0.9) for i in range(10)])
+    cuts, kept = clip_score.percentile_cuts(pop, m.clip, {"cat": "k1"}, {})
+    assert cuts["cat"]["min_margin"] == pytest.approx(0.45) and kept["cat"]["n"] == 10
+    grown = pl.concat([pop, _frame([("x", "cat", 0.3, 0.95, 0.9, "cat", 0.9)])])
+    assert clip_score.percentile_cuts(grown, m.clip, {"cat": "k1"}, kept)[0] == cuts  # +10%: kept
+    doubled = pl.concat([pop, _frame([(f"y{i}", "cat", 0.3, 0.95, 0.9, "cat", 0.9) for i in range(10)])])
+    again, kept2 = clip_score.percentile_cuts(doubled, m.clip, {"cat": "k1"}, kept)
+    assert again["cat"]["min_margin"] == pytest.approx(0.925) and kept2["cat"]["n"] == 20
+    other, _ = clip_score.percentile_cuts(pop.head(5), m.clip, {"cat": "k2"}, kept)  # new settings key
+    assert other["cat"]["min_margin"] == pytest.approx(0.2)

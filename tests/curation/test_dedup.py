@@ -3,11 +3,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from curation import catalog, dedup, ingest
 from curation.config import parse_manifest
 from tests import support
+from tests.curation.test_clip_score import tiny_clip  # noqa: F401 - the session fixture
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "dedup"
 
@@ -335,3 +336,240 @@ def test_cli_dedup(tmp_path):
     r = CliRunner().invoke(app, ["dedup", "-m", str(mpath), "-w", str(ws), "-q"])
     assert r.exit_code == 0, r.output
     assert "1 duplicate groups, 1 duplicates" in r.output
+
+
+# ---------------------------------------------------------------- grouping, families, leaks
+
+
+def test_a_chain_of_matches_does_not_form_one_group():
+    """A~B and B~C but not A~C: connected components would make one group of three; grouping
+    by representative keeps C out of A's group, since C never matched A."""
+    a, b, c, d, e = range(5)
+    pairs = np.array([[a, b], [b, c], [d, e]])
+    order = np.array([a, b, c, d, e])  # A ranks first (e.g. the largest): A is the representative
+    g = dedup.star_groups(order, 5, pairs)
+    assert g[a] == g[b] >= 0 and g[c] == -1  # C: no unassigned neighbour left, no group
+    assert g[d] == g[e] >= 0 and g[d] != g[a]
+    assert dedup.components(5, pairs)[c] == dedup.components(5, pairs)[a]  # what chaining did
+
+
+def _scene(seed: int, size=(480, 360)) -> Image.Image:
+    """A picture with corners (shapes on a textured ground): what ORB needs, as real photos have.
+    Pure smooth-plus-noise images give ORB almost nothing that survives a JPEG round trip."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    im = support.textured(seed, size)
+    d = ImageDraw.Draw(im)
+    w, h = size
+    for _ in range(40):
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(8, 40))
+        col = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            d.rectangle((x, y, x + r, y + int(rng.integers(8, 40))), fill=col)
+        else:
+            d.polygon([(x, y), (x + r, y + int(rng.integers(-20, 20))), (x + int(rng.integers(-20, 20)), y + r)], fill=col)
+    return im
+
+
+def test_flipped_and_cropped_copies_are_found(tmp_path, workspace):
+    root = tmp_path / "tree"
+    im = _scene(31)
+    support.write(root / "cat" / "orig.jpg", support.encode(im, "JPEG", quality=92))
+    flipped = im.transpose(Image.FLIP_LEFT_RIGHT)
+    support.write(root / "cat" / "flip.jpg", support.encode(flipped, "JPEG", quality=85))
+    support.write(root / "cat" / "crop.jpg", support.encode(im.crop((48, 36, 432, 324)), "JPEG", quality=85))
+    for s in range(40, 46):
+        support.write(root / "dog" / f"other{s}.jpg", support.encode(_scene(s), "JPEG", quality=90))
+    m = manifest_for(root, regions=False)  # the region family would find the flip first
+    ingest.run(m, workspace, show_progress=False)
+    s = dedup.run(m, workspace, show_progress=False)
+    df = _by_file(catalog.read(workspace))
+    g = dict(zip(df["file"], df["dup_group"]))
+    ids = dict(zip(df["file"], df["image_id"]))
+    # one group; the representative is one of the two full-size pictures (the crop is smaller)
+    assert g["orig.jpg"] == g["flip.jpg"] == g["crop.jpg"] in (ids["orig.jpg"], ids["flip.jpg"])
+    assert all(g[f"other{k}.jpg"] is None for k in range(40, 46))
+    h = dict(zip(df["file"], dedup.hex_to_u64(df["phash"].to_list())))
+    assert int(np.bitwise_count(h["orig.jpg"] ^ h["flip.jpg"])) > m.dedup.threshold  # the hash alone misses it
+    assert s.families["mirror"]["accepted"] >= 1
+    summary = (workspace.root / "stages" / "dedup" / "summary.json").read_text()
+    assert '"mirror"' in summary and '"layout"' in summary
+    sheet = workspace.root / "stages" / "dedup" / "contact_sheet.png"
+    with Image.open(sheet) as im_sheet:
+        assert im_sheet.width > 3 * dedup._TILE and im_sheet.height >= dedup._TILE
+
+
+def test_region_hashes_find_crops_borders_and_flips(tmp_path):
+    """Central-region hashes, searched across scales, propose what whole-picture hashes miss:
+    a 10% crop of every side (the original's centre), a framed copy (its centre is the
+    original) and a flip (through the mirrored hash, verified mirrored)."""
+    from PIL import ImageOps
+
+    im = _scene(81)
+    pics = {
+        "orig": im,
+        "crop": im.crop((48, 36, 432, 324)),
+        "frame": ImageOps.expand(im, border=(24, 36, 24, 24), fill=(60, 90, 140)),
+        "flip": im.transpose(Image.FLIP_LEFT_RIGHT),
+        "other": _scene(82),
+    }
+    paths = []
+    for name, pic in pics.items():
+        paths.append(tmp_path / f"{name}.jpg")
+        paths[-1].write_bytes(support.encode(pic, "JPEG", quality=88))
+    hx, sigs = zip(*(dedup.hash_image(p) for p in paths))
+    h, th = dedup.hex_to_u64(list(hx)), dedup.thumbs_to_array(list(sigs))
+    t = 10
+    assert all(int(np.bitwise_count(h[0] ^ h[k])) > t for k in (1, 2, 3))  # the whole-picture hash misses all three
+    direct, mirrored = dedup.region_pairs(h, th, t)
+    assert {(0, 1), (0, 2)} <= {tuple(sorted(map(int, q))) for q in direct}
+    assert (0, 3) in {tuple(sorted(map(int, q))) for q in mirrored}
+    assert 4 not in direct and 4 not in mirrored
+
+    def found(**kw):
+        s = manifest_for(tmp_path, layout=False, embeddings=False, **kw).dedup
+        pairs, fam = dedup.find_pairs(h, th, paths, s)
+        return {tuple(map(int, q)) for q in pairs}, fam
+
+    on, fam = found()
+    assert {(0, 1), (0, 2), (0, 3)} <= on and not any(4 in q for q in on)
+    assert fam["region"]["accepted"] >= 2 and fam["region_mirror"]["accepted"] >= 1
+    off, _ = found(regions=False)
+    assert not {(0, 1), (0, 2), (0, 3)} & off
+
+
+def test_a_portrait_letterboxed_into_a_wide_frame_hashes_like_the_original(tmp_path):
+    """White bars take 62% of the width (a 9:16 picture shown 16:9): the margins are cut."""
+    im = _scene(83, (216, 384))
+    wide = Image.new("RGB", (683, 384), (255, 255, 255))
+    wide.paste(im, (233, 0))
+    pa, pb = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    pa.write_bytes(support.encode(im, "JPEG", quality=90))
+    pb.write_bytes(support.encode(wide, "JPEG", quality=90))
+    (ha, _), (hb, _) = dedup.hash_image(pa), dedup.hash_image(pb)
+    assert int(np.bitwise_count(dedup.hex_to_u64([ha])[0] ^ dedup.hex_to_u64([hb])[0])) <= 6
+
+
+def test_geometry_vetoes_unrelated_pictures_with_alike_layouts(tmp_path):
+    """Same coarse layout (one smooth low-frequency field), different fine content: the layout
+    family proposes the pair, ORB + RANSAC finds no common geometry."""
+    base = np.asarray(support.textured(50, (320, 240)).resize((8, 6)).resize((320, 240), Image.BICUBIC), np.int16)
+    rng = np.random.default_rng(1)
+    a = Image.fromarray(np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8))
+    b = Image.fromarray(np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8))
+    pa, pb, pc = tmp_path / "a.jpg", tmp_path / "b.jpg", tmp_path / "c.jpg"
+    pa.write_bytes(support.encode(a, "JPEG", quality=90))
+    pb.write_bytes(support.encode(b, "JPEG", quality=90))
+    pc.write_bytes(support.encode(a.resize((240, 180)), "JPEG", quality=60))
+    fa, fb, fc = (dedup.orb_features(p) for p in (pa, pb, pc))
+    assert dedup.geometric_inliers(fa, fc) >= 20  # its own copy verifies
+    assert dedup.geometric_inliers(fa, fb) < 20
+    sigs = dedup.thumbs_to_array([dedup.hash_image(p)[1] for p in (pa, pb)])
+    v, _, _ = dedup.layout_vectors(sigs)
+    assert float(v[0] @ v[1]) > 0.9  # the trap is real: the thumbnails alone would merge them
+
+
+def test_embedding_candidates_are_used_when_a_clip_cache_exists(tmp_path, workspace, tiny_clip):
+    from curation import clip_score
+    from tests.curation.test_clip_score import TINY
+
+    root = tmp_path / "tree"
+    im = _scene(61, (400, 300))
+    support.write(root / "cat" / "orig.jpg", support.encode(im, "JPEG", quality=92))
+    # cropped and brightened: far in pHash; layouts off below, so only embeddings can propose it
+    copy = ImageEnhance.Brightness(im.crop((40, 30, 360, 270))).enhance(1.3)
+    support.write(root / "cat" / "copy.jpg", support.encode(copy, "JPEG", quality=85))
+    for s in range(70, 74):
+        support.write(root / "dog" / f"other{s}.jpg", support.encode(_scene(s, (400, 300)), "JPEG", quality=90))
+
+    def manifest(**dd):
+        return parse_manifest({
+            "name": "t", "classes": [{"name": "cat"}, {"name": "dog"}],
+            "sources": [{"type": "folder", "path": str(root), "license": "cc-by"}],
+            "clip": {"model": TINY, "pretrained": str(tiny_clip[1]), "model_config_path": str(tiny_clip[0]),
+                     "workers": 0, "batch_size": 4, "device": "cpu", "plots": False},
+            "dedup": {"threshold": 0, "layout": False, "embedding_min_cos": -1.0, **dd},
+        })
+
+    m = manifest()
+    ingest.run(m, workspace, show_progress=False)
+    s = dedup.run(m, workspace, show_progress=False)  # no cache yet: the family does not run
+    assert "embedding" not in s.families and s.embedding_cache is None and s.groups == 0
+    clip_score.run(m, workspace, show_progress=False)
+    s = dedup.run(m, workspace, show_progress=False)
+    assert s.embedding_cache is not None and s.families["embedding"]["accepted"] >= 1
+    df = _by_file(catalog.read(workspace))
+    g = dict(zip(df["file"], df["dup_group"]))
+    assert g["orig.jpg"] is not None and g["orig.jpg"] == g["copy.jpg"]
+    assert all(g[f"other{k}.jpg"] is None for k in range(70, 74))
+    off = dedup.run(manifest(embeddings=False), workspace, show_progress=False)
+    assert "embedding" not in off.families and off.groups == 0
+
+
+def test_copy_of_a_published_test_image_is_flagged_and_kept_out_of_train(tmp_path, workspace):
+    from curation import publish
+
+    root = tmp_path / "tree"
+    test_im = _scene(81, (400, 300))
+    support.write(root / "cat" / "test_img.jpg", support.encode(test_im, "JPEG", quality=92))
+    for s in range(82, 92):
+        support.write(root / "cat" / f"c{s}.jpg", support.encode(_scene(s, (400, 300)), "JPEG", quality=90))
+    m = parse_manifest({
+        "name": "t", "classes": [{"name": "cat"}],
+        "sources": [{"type": "folder", "path": str(root), "license": "cc-by"}],
+        "publish": {"include": "candidates"},
+    })
+    ingest.run(m, workspace, show_progress=False)
+    dedup.run(m, workspace, show_progress=False)
+    df = _by_file(catalog.read(workspace))
+    ids = dict(zip(df["file"], df["image_id"]))
+    # what publish wrote for version 1 (test_img in test); a reviewer then rejected the original
+    upd = df.select(
+        "image_id",
+        pl.when(pl.col("file") == "test_img.jpg").then(pl.lit("test")).otherwise(pl.lit("train")).alias("split"),
+        pl.lit(1, dtype=pl.Int32).alias("published_version"),
+        pl.when(pl.col("file") == "test_img.jpg").then(pl.lit("rejected")).otherwise(pl.col("status")).alias("status"),
+        pl.when(pl.col("file") == "test_img.jpg").then(pl.lit("off_topic")).otherwise(pl.col("reason")).alias("reason"),
+    )
+    catalog.write(workspace, catalog.update(catalog.ensure_columns(catalog.read(workspace), publish.COLUMNS), upd))
+    # newly scraped: a larger, cropped copy of the test image
+    support.write(root / "cat" / "new_copy.jpg", support.encode(test_im.resize((800, 600)).crop((30, 20, 780, 580)), "JPEG", quality=90))
+    ingest.run(m, workspace, show_progress=False)
+    s = dedup.run(m, workspace, show_progress=False)
+    df = _by_file(catalog.read(workspace))
+    leak = dict(zip(df["file"], df["leak_of"]))
+    assert leak["new_copy.jpg"] == ids["test_img.jpg"] and s.leaks == 1
+    assert all(leak[f"c{k}.jpg"] is None for k in range(82, 92))
+    copy_id = df.filter(pl.col("file") == "new_copy.jpg")["image_id"][0]
+    for seed in range(6):  # whatever the deal would have done (train is 80% of it), the copy is in test
+        ms = m.model_copy(update={"publish": m.publish.model_copy(update={"seed": seed})})
+        rows, _ = publish.select(ms, df)
+        rows, _ = publish.assign_splits(ms, rows, None)
+        assert dict(zip(rows["image_id"], rows["split"]))[copy_id] == "test"
+
+
+def test_hashing_pool_spawns_clean_workers_under_a_sigterm_handler(tmp_path, capfd):
+    """Under Prefect the process handles SIGTERM; forked workers would inherit the handler and
+    print its exception when the pool terminates them."""
+    import signal
+
+    paths = []
+    for i in range(300):
+        p = tmp_path / f"{i}.jpg"
+        p.write_bytes(support.jpeg(i % 5, (64, 48), quality=80))
+        paths.append(p)
+
+    class TerminationSignal(Exception):
+        pass
+
+    def handler(*_):
+        raise TerminationSignal("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        got = list(dedup.hash_files(paths))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert len(got) == 300 and all(h is not None for h, _, _ in got)
+    assert "TerminationSignal" not in capfd.readouterr().err

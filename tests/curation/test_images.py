@@ -52,7 +52,10 @@ def test_sixteen_bit_keeps_its_contrast():
 
 def test_bomb_is_refused_before_decoding():
     out = normalise(support.bomb_png(), max_pixels=80_000_000)
-    assert isinstance(out, Rejected) and "30000x30000" in out.detail
+    # 900M pixels: over Pillow's hard limit too, which refuses it at open, from the header alone.
+    assert isinstance(out, Rejected) and out.reason == "decompression_bomb" and "900000000 pixels" in out.detail
+    out = normalise(support.bomb_png(9000, 9000), max_pixels=80_000_000)
+    assert isinstance(out, Rejected) and out.reason == "decompression_bomb" and "9000x9000 exceeds 80000000" in out.detail
 
 
 def test_sniff_ignores_names():
@@ -80,3 +83,30 @@ def test_truncated_jpeg_is_caught_at_any_cut(frac):
 def test_clean_jpeg_reports_full_size():
     out = normalise(support.jpeg(4, (640, 480)))
     assert isinstance(out, Normalised) and (out.width, out.height) == (640, 480) and not out.reencoded
+
+
+def test_pillows_bomb_guard_stays_on_for_the_process():
+    """Importing our decoder must not switch off Pillow's guard for every other image user."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import PIL.Image as I; d = I.MAX_IMAGE_PIXELS; import curation.images, curation.ingest; "
+                               "print(I.MAX_IMAGE_PIXELS == d and d is not None)"],
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == "True"
+
+
+def test_manifest_pixel_limit_is_enforced_below_pillows():
+    small = support.png(1, (120, 100))
+    assert isinstance(normalise(small, max_pixels=12_000), Normalised)
+    out = normalise(small, max_pixels=11_999)
+    assert isinstance(out, Rejected) and out.reason == "decompression_bomb" and "120x100 exceeds 11999" in out.detail
+
+
+def test_pillows_hard_limit_still_applies_above_a_generous_manifest_limit():
+    # 200M pixels: under the manifest's 1G limit, over Pillow's hard limit (2 x 89.5M): refused, not decoded.
+    out = normalise(support.bomb_png(20000, 10000), max_pixels=1_000_000_000)
+    assert isinstance(out, Rejected) and out.reason == "decompression_bomb", out
+    assert "Pillow's hard limit" in out.detail

@@ -167,6 +167,7 @@ def test_round_trip_through_load_dataset(ingested):
     assert pub.height == s.images and pub["split"].null_count() == 0
     meta = json.loads((Path(s.folder) / "publish.json").read_text())
     assert meta["class_names"] == CLASSES and meta["folds"] == 5 and meta["hash"] == s.hash
+    assert meta["catalog_version"] == s.catalog_version is not None  # the catalog version the rows came from
     card = (Path(s.folder) / "README.md").read_text()
     assert "task_categories:" in card and "- image-classification" in card and "configs:" in card
     assert "## Known limitations" in card and "not reviewed by a person" in card and "rejected:off_topic" in card

@@ -368,15 +368,48 @@ def test_app_http_edits_survive_repush_and_browser_shows_samples(mongo, tmp_path
         shown = re.findall(r'title="ground_truth: ([^"]+)"', dom)
         assert sorted(shown) == sorted(ds.values("ground_truth.label")) and "Velociraptor" in shown
         assert shot.exists() and shot.stat().st_size > 10_000
+        # A reviewer's App tab stays open: its event stream is what kept a stopped server serving on.
+        stream = event_stream(port)
+        import psutil
+
+        servers = psutil.Process(app.pid).children(recursive=True)  # FiftyOne's watcher and its server
+        assert servers
     finally:
-        os.killpg(app.pid, signal.SIGTERM)
+        app.send_signal(signal.SIGTERM)  # the CLI's pid only, as `kill PID` or a supervisor sends it
         try:
             app.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(app.pid, signal.SIGKILL)
+    # FiftyOne's server lives in a process group of its own: it must be gone when the CLI is, not serve on
+    # (it left it to a graceful shutdown that took 3-13 s here, 30-90 s on a busy machine).
+    gone, alive = psutil.wait_procs(servers, timeout=1)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "the App's server outlived its CLI"
+    stream.settimeout(1)
+    try:
+        while stream.recv(4096):
+            pass
+    except TimeoutError:
+        pytest.fail("the App's event stream is still open after its CLI stopped")
+    finally:
+        stream.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert app.returncode == 0
     printed = app.stdout.read()
+    assert "review App stopped" in printed
     assert f"review App: http://127.0.0.1:{port}/datasets/appds" in printed
     assert "saved views: " in printed and "not-reviewed" in printed
+
+
+def event_stream(port: int) -> socket.socket:
+    """Open the App's server-sent event stream (POST /events), as a browser tab holds it."""
+    body = json.dumps({"initializer": None, "events": ["state_update"], "subscription": "test-tab"}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head[:300]
+    return sock
 
 
 def browse(chromium: str, url: str, shot: Path, tmp: Path, expect: int) -> str:
@@ -427,3 +460,234 @@ def test_cli_push_status_pull_calibrate(mongo, tmp_path):
     assert (ws.root / "stages" / "review" / "calibration.png").exists()
     out = runner.invoke(app, ["review", "app", *args, "--address", "0.0.0.0"])
     assert out.exit_code == 2 and "loopback" in out.output
+
+
+# ---------------------------------------------------------------- public API, deletions, moves, views
+
+
+@pytest.mark.slow
+def test_bulk_documents_match_add_samples(mongo):
+    """The kept private insert writes what FiftyOne's own add_samples writes for the same sample."""
+    import fiftyone as fo
+
+    from curation import fiftyone_bulk
+
+    ds = fo.Dataset("bulk-vs-public")
+    fields = {"image_id": "a" * 64, "pushed_label": "Stegosaurus", "status": "candidate", "width": 64,
+              "clip_margin": 0.25, "wrong_class": False, "dup_group": None}
+    fiftyone_bulk.declare_fields(ds, {"image_id": fo.StringField(), "pushed_label": fo.StringField(),
+                                      "status": fo.StringField(), "width": fo.IntField(), "clip_margin": fo.FloatField(),
+                                      "wrong_class": fo.BooleanField(), "dup_group": fo.StringField()})
+    ds.add_sample_field("ground_truth", fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+    ds.add_samples([fo.Sample(filepath="/data/x.jpg", tags=["accept"], ground_truth=fo.Classification(label="Stegosaurus"),
+                              **{k: v for k, v in fields.items() if v is not None})], progress=False)
+    fiftyone_bulk.insert(ds, [fiftyone_bulk.sample_doc(ds, filepath="/data/x.jpg", tags=["accept"],
+                                                       ground_truth="Stegosaurus", fields=fields)])
+    public, ours = ds._sample_collection.find({}, sort=[("_id", 1)])
+
+    def shape(doc):  # ids, random keys and timestamps differ by nature; their types must not
+        out = {k: type(v).__name__ if k in ("_id", "_rand", "created_at", "last_modified_at") else v
+               for k, v in doc.items()}
+        out["ground_truth"] = {k: type(v).__name__ if k == "_id" else v for k, v in doc["ground_truth"].items()}
+        return out
+
+    assert shape(ours) == shape(public)
+    assert ours["_rand"] != public["_rand"] and 0 <= ours["_rand"] <= 1
+    # FiftyOne reads it back like its own: a view, a sample object, a typed value.
+    assert ds.match({"clip_margin": 0.25}).count() == 2
+    assert ds.last().ground_truth.label == "Stegosaurus" and ds.last().width == 64
+    # The one-merge field declaration gives the schema add_sample_field gives, field by field.
+    kinds = {"image_id": fo.StringField, "clip_margin": fo.FloatField, "width": fo.IntField, "wrong_class": fo.BooleanField}
+    merged, public_schema = fo.Dataset("bulk-merged"), fo.Dataset("bulk-vs-public-schema")
+    fiftyone_bulk.declare_fields(merged, {k: v() for k, v in kinds.items()})
+    for name, kind in kinds.items():
+        public_schema.add_sample_field(name, kind)
+    schema = lambda d: {k: type(v).__name__ for k, v in fo.load_dataset(d).get_field_schema().items()}  # noqa: E731
+    assert schema("bulk-merged") == schema("bulk-vs-public-schema")
+    fo.delete_dataset("bulk-vs-public")
+    fo.delete_dataset("bulk-merged")
+    fo.delete_dataset("bulk-vs-public-schema")
+
+
+def dup_workspace(root: Path) -> Workspace:
+    """make_workspace, plus: two duplicate groups keyed by their representative, three unscored images."""
+    ws = make_workspace(root, n_per_class=6)
+    df = catalog.read(ws)
+    ids = df.filter(pl.col("path").is_not_null())["image_id"].to_list()
+    # Representatives sort last by image_id: an order by id alone would put them last.
+    groups = {i: max(g) for g in ([ids[2], ids[6], ids[10]], [ids[5], ids[9]]) for i in g}
+    unscored = ids[3], ids[7], ids[11]
+    df = df.with_columns(
+        pl.col("image_id").replace_strict(groups, default=None, return_dtype=pl.Utf8).alias("dup_group"),
+        pl.lit(False).alias("label_conflict"),
+        pl.when(pl.col("image_id").is_in(unscored)).then(None).otherwise(pl.col("clip_margin")).alias("clip_margin"),
+        pl.when(pl.col("image_id").is_in(unscored)).then(pl.lit("skipped")).otherwise(pl.col("clip_decision"))
+        .alias("clip_decision"),
+    )
+    catalog.write(ws, df)
+    return ws
+
+
+@pytest.mark.slow
+def test_views_deletions_and_a_moved_workspace(mongo, tmp_path):
+    m = make_manifest("views")
+    ws = dup_workspace(tmp_path / "ws")
+    ids = catalog.read(ws).filter(pl.col("path").is_not_null())["image_id"].to_list()
+    review.push(m, ws, show_progress=False)
+
+    import fiftyone as fo
+
+    ds = fo.load_dataset("views")
+    info = {name: ds.get_saved_view_info(name) for name in ds.list_saved_views()}
+    # Members of each group, representative first.
+    groups = ds.load_saved_view("duplicate-groups").values(["dup_group", "image_id"])
+    runs: dict[str, list[str]] = {}
+    for g, i in zip(*groups):
+        runs.setdefault(g, []).append(i)
+    a, b = max(ids[2], ids[6], ids[10]), max(ids[5], ids[9])
+    assert set(runs) == {a, b}
+    assert runs[a][0] == a and sorted(runs[a]) == sorted([ids[2], ids[6], ids[10]])
+    assert runs[b] == [b, min(ids[5], ids[9])]
+    # Borderline: |margin - 0.2| <= 0.1 among scored images only (never the unscored ones).
+    border = ds.load_saved_view("borderline")
+    assert not set(border.values("image_id")) & {ids[3], ids[7], ids[11]}
+    assert len(border) == 5 and all(v is not None for v in border.values("clip_margin"))
+    # An empty view says why; a non-empty one does not.
+    assert "Empty: no out-of-fold label issue" in info["label-issues"]["description"]
+    assert "Empty" not in info["duplicate-groups"]["description"]
+    assert "Empty: the last `review pull` found no unclear tags" in info["unclear-decisions"]["description"]
+
+    # Unclear tags: listed in their view after a pull, catalog left unchanged.
+    one = lambda i: ds.match({"image_id": i}).first()  # noqa: E731
+    s = one(ids[0]); s.tags.extend(["accept", "reject"]); s.save()  # noqa: E702
+    s = one(ids[1]); s.tags.append("relabel:Unicorn"); s.save()  # noqa: E702
+    s = one(ids[4]); s.tags.append("accept"); s.save()  # noqa: E702
+    p = review.pull(m, ws, calibrate_after=False)
+    assert p.problems == {"accept_and_reject": 1, "unknown_class": 1} and p.changed == 1
+    unclear = ds.load_saved_view("unclear-decisions")
+    assert sorted(unclear.values("image_id")) == sorted([ids[0], ids[1]])
+    assert unclear.values("review_problem") == ["accept_and_reject", "unknown_class"]
+    rows = by_id(ws)
+    assert rows[ids[0]]["review_decision"] is None and rows[ids[1]]["review_decision"] is None
+    assert "Empty" not in ds.get_saved_view_info("unclear-decisions")["description"]
+    ds.match({"image_id": {"$in": [ids[0], ids[1]]}}).untag_samples(["reject", "relabel:Unicorn"])
+    review.pull(m, ws, calibrate_after=False)
+    assert len(ds.load_saved_view("unclear-decisions")) == 0
+
+    # A sample deleted in the App stays deleted: a decision in the catalog, never re-added,
+    # whether a pull or a push is the next to look.
+    delete = """
+        import fiftyone as fo
+        ds = fo.load_dataset("views")
+        ds.delete_samples(ds.match({{"image_id": "{}"}}))
+    """
+    run_py(delete.format(ids[8]), mongo)
+    p = review.pull(m, ws, calibrate_after=False)
+    assert p.deleted == 1
+    run_py(delete.format(ids[12]), mongo)
+    s2 = review.push(m, ws, show_progress=False)
+    assert s2.added == 0 and s2.deleted == 1
+    for gone in (ids[8], ids[12]):
+        r = by_id(ws)[gone]
+        assert (r["status"], r["reason"], r["review_decision"]) == ("rejected", "reviewer_deleted", "deleted")
+    assert review.push(m, ws, show_progress=False).added == 0
+    ds.reload()
+    assert ids[8] not in ds.values("image_id") and len(ds) == len(ids) - 2
+
+    # The workspace moves: the same dataset follows it, files re-pointed, still reviewable.
+    moved = Workspace(shutil.move(str(ws.root), str(tmp_path / "elsewhere" / "ws")))
+    st = review.status(m, moved)
+    assert int(st["samples"].sum()) == len(ids) - 2
+    ds.reload()
+    assert all(fp.startswith(str(moved.root) + os.sep) for fp in ds.values("filepath"))
+    assert all(Path(fp).exists() for fp in ds.values("filepath"))
+    s3 = review.push(m, moved, show_progress=False)
+    assert (s3.added, s3.updated) == (0, 0)
+    p = review.pull(m, moved, calibrate_after=False)
+    assert (p.reviewed, p.changed, p.deleted) == (2, 0, 0)  # ids[4], and ids[0] once its reject tag went
+    # ... while another workspace still may not take it over.
+    with pytest.raises(review.ReviewError, match="belongs to workspace"):
+        review.push(m, make_workspace(tmp_path / "other", 1), show_progress=False)
+
+
+# ---------------------------------------------------------------- calibration maths and journeys (no database)
+
+
+def test_sweep_matches_the_per_threshold_definition():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(0.1, 0.2, 300), 2)  # rounded: many ties, as real margins have
+    truth = rng.random(300) < 0.5 + scores
+    c = review.sweep(scores, truth)
+    grid = sorted(set(scores.tolist()))
+    assert c["threshold"] == grid
+    for k in (0, 1, len(grid) // 2, len(grid) - 1):
+        want = review._prf([s >= grid[k] for s in scores.tolist()], truth.tolist())
+        for col in ("precision", "recall", "f1", "agreement"):
+            assert c[col][k] == pytest.approx(want[col]), (col, k)
+    f1 = [review._prf([s >= t for s in scores.tolist()], truth.tolist())["f1"] or 0.0 for t in grid]
+    best = max(f1)
+    assert review._best_threshold(scores, truth) == (grid[max(k for k, v in enumerate(f1) if v == best)], best)
+    assert review.sweep(np.array([0.1, 0.2]), np.array([False, False]))["recall"] == [None, None]
+
+
+def test_calibrate_after_an_offline_run_says_scores_were_skipped(tmp_path):
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    rows = [{"image_id": f"{i:064d}", "label": CLASSES[i % 3], "path": None, "status": "candidate",
+             "clip_decision": "skipped", "review_decision": "accept" if i % 2 else "reject"} for i in range(6)]
+    schema = {**catalog.SCHEMA, **review.UPSTREAM_COLUMNS, **review.REVIEW_COLUMNS}
+    mpath = tmp_path / "m.yaml"
+    mpath.write_text(json.dumps({"name": "off", "classes": [{"name": c} for c in CLASSES]}))
+    # Whether or not anyone reviewed yet: reviewing cannot help, scoring can.
+    for reviewed in (rows, [{**r, "review_decision": None} for r in rows]):
+        catalog.write(ws, catalog.rows_frame(reviewed, schema))
+        with pytest.raises(review.NothingToCalibrate, match="CLIP scoring was skipped"):
+            review.calibrate(make_manifest("off"), ws)
+        out = CliRunner().invoke(app, ["review", "calibrate", "-m", str(mpath), "-w", str(ws.root)])
+        assert out.exit_code == 2
+        assert out.output.strip().splitlines() == [
+            "error: no image has a clip_margin: CLIP scoring was skipped (weights unavailable, e.g. offline); "
+            "run `jurassiclass score` with the weights, then calibrate"]
+
+
+def test_app_on_a_taken_port_says_so_at_once(tmp_path):
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    ws = make_workspace(tmp_path / "ws", n_per_class=1)
+    mpath = tmp_path / "m.yaml"
+    mpath.write_text(json.dumps({"name": "busy", "classes": [{"name": c} for c in CLASSES]}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t = time.perf_counter()
+        out = CliRunner().invoke(app, ["review", "app", "-m", str(mpath), "-w", str(ws.root), "--port", str(port)])
+        assert time.perf_counter() - t < 5
+    assert out.exit_code == 2
+    assert out.output.strip() == (f"error: port {port} on 127.0.0.1 is already in use (another `review app`?): "
+                                  "pick a free one with --port N, or set review.port in the manifest")
+
+
+def test_unreachable_database_is_one_line_quickly(tmp_path):
+    ws = make_workspace(tmp_path / "ws", n_per_class=1)
+    mpath = tmp_path / "m.yaml"
+    mpath.write_text(json.dumps({"name": "nodb", "classes": [{"name": c} for c in CLASSES]}))
+    closed = free_port()  # nothing listens there
+    env = {**os.environ, "FIFTYONE_DATABASE_URI": f"mongodb://user:secret@127.0.0.1:{closed}"}
+    t = time.perf_counter()
+    out = subprocess.run([str(Path(sys.executable).parent / "jurassiclass"), "review", "push", "-m", str(mpath),
+                          "-w", str(ws.root), "-q"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    took = time.perf_counter() - t
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert lines == [f"error: cannot reach the FiftyOne database at mongodb://***@127.0.0.1:{closed} "
+                     "(FIFTYONE_DATABASE_URI) within 3 s: start MongoDB there, fix the URI, or unset it to use "
+                     "FiftyOne's bundled database"]
+    assert took < 15  # Python start-up + a 3 s ping; FiftyOne alone took 34-42 s

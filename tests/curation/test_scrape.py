@@ -4,6 +4,8 @@ APIs and an image host that also serves every bad case. The real icrawler feeder
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +36,7 @@ class Fixture:
         self.times: dict[str, list[float]] = defaultdict(list)
         self.lock = threading.Lock()
         self.delay = 0.0  # seconds added to every /img/ response (the kill test slows the host down)
+        self.agents: dict[str, set] = defaultdict(set)  # path -> User-Agent headers seen
         self.port = 0
 
     @property
@@ -89,6 +92,7 @@ def _handler(fx: Fixture):
             with fx.lock:
                 fx.hits[u.path] += 1
                 fx.times[u.path].append(time.monotonic())
+                fx.agents[u.path].add(self.headers.get("User-Agent"))
                 n = fx.hits[u.path]
             p = u.path
             try:
@@ -106,14 +110,6 @@ def _handler(fx: Fixture):
                     return self.json(_inat(fx, q))
                 if p == "/gbif/v1/occurrence/search":
                     return self.json(_gbif(fx, q))
-                if p == "/flickr/services/rest/":
-                    assert q["api_key"] == "k-123"
-                    if q["method"] == "flickr.photos.search":
-                        photos = [{"id": str(i), "owner": f"o{i}", "ownername": f"Owner {i}", "license": str(i)}
-                                  for i in (4, 9, 0)] if q.get("page") == "1" else []
-                        return self.json({"stat": "ok", "photos": {"photo": photos}})
-                    size = [{"label": "Large", "source": fx.img_url(f"flickr-{q['photo_id']}.jpg")}]
-                    return self.json({"stat": "ok", "sizes": {"size": size}})
                 if p == "/changed/occurrence/search":  # an API that changed shape
                     return self.json([{"unexpected": True}])
                 if p.startswith("/img/"):
@@ -207,11 +203,12 @@ def _wikimedia(fx: Fixture, q: dict) -> dict:
 
 
 def _inat(fx: Fixture, q: dict) -> dict:
-    assert q["quality_grade"] == "research" and q["photos"] == "true"
-    page, per = int(q["page"]), int(q["per_page"])
-    total = 4
+    """API v1 /observations in id order from id_above (tests/curation/test_sources.py has the 10,000 window)."""
+    assert q["quality_grade"] == "research" and q["photos"] == "true" and q["order_by"] == "id"
+    per, above = int(q["per_page"]), int(q.get("id_above", 0))
+    ids = [i for i in range(4) if 500 + i > above][:per]
     results = []
-    for i in range((page - 1) * per, min(page * per, total)):
+    for i in ids:
         results.append({
             "id": 500 + i, "uri": f"https://www.inaturalist.org/observations/{500 + i}", "quality_grade": "research",
             "user": {"login": f"obs{i}", "name": f"Observer {i}"},
@@ -219,7 +216,7 @@ def _inat(fx: Fixture, q: dict) -> dict:
                         "attribution": f"(c) Observer {i}, some rights reserved (CC BY)",
                         "url": fx.img_url(f"photos/{9000 + i}/square.jpg")}],
         })
-    return {"total_results": total, "page": page, "per_page": per, "results": results}
+    return {"total_results": len([i for i in range(4) if 500 + i > above]), "page": 1, "per_page": per, "results": results}
 
 
 def _gbif(fx: Fixture, q: dict) -> dict:
@@ -336,6 +333,7 @@ def test_bing_scrape_end_to_end_and_rerun_downloads_nothing(fx, workspace, monke
     m = make_manifest([bing(fx)], target=12, scrape_kw=patient)
     s = scrape.run(m, workspace, show_progress=False)
     assert configured == []  # icrawler's Crawler would call logging.basicConfig on the host program
+    assert fx.agents["/bing/images/async"] == {m.scrape.user_agent}  # result pages too, not icrawler's browser string
 
     df = catalog.read(workspace)
     ok = df.filter(pl.col("status") == "candidate")
@@ -432,6 +430,8 @@ def test_url_list_source(fx, workspace, tmp_path):
     assert next(r for r in s.sources if r["label"] == "Unicorn")["reasons"] == "class_not_in_manifest:1"
     tri = next(r for r in s.sources if r["label"] == "Triceratops")
     assert tri["failed"] == 2 and "bad_scheme:1" in tri["reasons"] and "timeout:1" in tri["reasons"]
+    # both classes ran out of URLs, but a timeout may succeed next time: only Stegosaurus is exhausted
+    assert [(c["label"], c["exhausted"]) for c in s.classes] == [("Stegosaurus", True), ("Triceratops", False)]
     # the timeout is transient: a re-run tries it again; the bad scheme is settled
     slow_hits = fx.hits["/bad/slow-list"]
     s2 = scrape.run(m, workspace, show_progress=False)
@@ -443,17 +443,6 @@ def test_url_list_source(fx, workspace, tmp_path):
     assert s3.skipped_known == 4 and {k: v for k, v in fx.hits.items() if k.startswith("/img/list-")} == img_hits
 
 
-def test_flickr_through_icrawler_maps_licence_ids(fx, workspace, monkeypatch):
-    monkeypatch.setenv("FLICKR_API_KEY", "k-123")
-    src = {"type": "flickr", "endpoint": f"{fx.base}/flickr", "max_per_query": 3}
-    scrape.run(make_manifest([src], target=3, classes=("Stegosaurus",)), workspace, show_progress=False)
-    df = catalog.read(workspace).sort("source_url")
-    assert df["license"].to_list() == ["all-rights-reserved", "cc-by", "cc0"]  # Flickr ids 0, 4, 9
-    assert df["author"].to_list() == ["Owner 0", "Owner 4", "Owner 9"]
-    assert df["page_url"][1] == "https://www.flickr.com/photos/o4/4" and df["redistributable"].to_list() == [False, True, True]
-    assert "k-123" not in (workspace.root / "stages" / "scrape" / "journal.jsonl").read_text()
-
-
 def test_a_broken_source_is_reported_and_the_others_go_on(fx, workspace):
     srcs = [{"type": "gbif", "endpoint": f"{fx.base}/changed", "request_interval_s": 0},
             {"type": "inaturalist", "endpoint": f"{fx.base}/gone", "request_interval_s": 0},
@@ -463,6 +452,7 @@ def test_a_broken_source_is_reported_and_the_others_go_on(fx, workspace):
     assert "API page failed (http_404" in s.source_errors[1]
     assert "2 source(s) broke" in s.line()
     assert s.downloaded == 3  # the working GBIF source's three photos
+    assert s.classes[0]["short"] == 2 and not s.classes[0]["exhausted"]  # a broken source is not an empty one
 
 
 def test_url_list_reads_parquet_with_optional_columns(tmp_path):
@@ -480,9 +470,12 @@ def test_url_list_reads_parquet_with_optional_columns(tmp_path):
         sources.read_url_list(UrlListSource(path=bad))
 
 
-def test_a_manifest_without_sources_scrapes_bing():
+def test_a_manifest_without_sources_is_an_error_not_a_silent_bing_scrape(workspace):
     m = parse_manifest({"name": "t", "classes": [{"name": "Stegosaurus"}]})
-    assert [(s.type, s.endpoint) for s in scrape.effective_sources(m)] == [("bing", None)]
+    assert scrape.has_web_sources(m)  # so that `run` reaches the stage, which says what is missing
+    with pytest.raises(scrape.ScrapeError, match="lists no sources"):
+        scrape.run(m, workspace, show_progress=False)
+    assert catalog.read(workspace).is_empty()
 
 
 def test_missing_flickr_key_and_url_list_are_clear_errors(tmp_path, workspace, monkeypatch):
@@ -528,7 +521,7 @@ def test_kill_mid_scrape_then_resume_loses_nothing_and_fetches_nothing_twice(fx,
     done_before = journal.read_text().count("\n")
     assert 15 <= done_before < n, "the kill must land mid-scrape"
     stored = {p.name.split(".")[0] for p in (ws / "store").rglob("*.jpg")}
-    assert not (ws / "catalog.parquet").exists()  # nothing was committed yet: recovery must come from the journal
+    assert catalog.version(catalog.Workspace(ws)) is None  # nothing was committed yet: recovery must come from the journal
 
     out = subprocess.run([str(exe), "scrape", "-m", str(mpath), "-w", str(ws), "-q"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -573,3 +566,118 @@ def test_ctrl_c_stops_promptly_and_commits_what_finished(fx, tmp_path):
     # committed on the way out; at most the 2 downloads in flight at the signal are journaled but not
     # yet cataloged (the next run recovers those from the journal)
     assert 2 <= df.height < 40 and set(df["source_url"]) <= journaled and len(journaled) - df.height <= 2
+
+
+# ---------------------------------------------------------------- targets, exhaustion and recovery (what `run` relies on)
+
+
+def _url_list(tmp_path, fx, stem: str, n: int):
+    csv = tmp_path / f"{stem}.csv"
+    csv.write_text("url,label\n" + "".join(f"{fx.img_url(f'{stem}-{i}.jpg')},Stegosaurus\n" for i in range(n)))
+    return {"type": "urls", "path": str(csv)}
+
+
+def test_targets_count_images_dedup_and_clip_kept_and_exhaustion_is_reported(fx, workspace, tmp_path):
+    m = make_manifest([_url_list(tmp_path, fx, "top", 6)], target=4, classes=("Stegosaurus",))
+    s = scrape.run(m, workspace, show_progress=False)
+    assert (s.classes[0]["after"], s.classes[0]["exhausted"], s.exhausted) == (4, False, [])
+
+    def reject(n: int, reason: str) -> None:
+        df = catalog.read(workspace)
+        ids = df.filter(pl.col("status") == "candidate")["image_id"].head(n)
+        upd = pl.DataFrame({"image_id": ids, "status": ["rejected"] * n, "reason": [reason] * n})
+        catalog.write(workspace, catalog.update(df, upd))
+
+    reject(2, "duplicate")  # dedup and CLIP reject rows; they no longer count toward the target
+    assert scrape.shortfall(m, workspace) == {"Stegosaurus": 2} and scrape.live_counts(workspace)["Stegosaurus"] == 2
+    s2 = scrape.run(m, workspace, show_progress=False)
+    assert (s2.classes[0]["before"], s2.classes[0]["after"], s2.requested) == (2, 4, 2)
+    reject(1, "off_topic")
+    s3 = scrape.run(m, workspace, show_progress=False)  # nothing left to try: short, and says so
+    assert (s3.classes[0]["after"], s3.classes[0]["short"], s3.classes[0]["exhausted"]) == (3, 1, True)
+    assert s3.exhausted == ["Stegosaurus"] and s3.classes_frame()["exhausted"].to_list() == [True]
+    assert json.loads((workspace.root / "stages" / "scrape" / "summary.json").read_text())["classes"][0]["exhausted"]
+
+
+def test_recovery_trusts_the_catalog_not_the_sightings(fx, workspace, tmp_path):
+    m = make_manifest([_url_list(tmp_path, fx, "rec", 5)], target=10, classes=("Stegosaurus",))
+    scrape.run(m, workspace, show_progress=False)
+    hits = {k: v for k, v in fx.hits.items() if k.startswith("/img/rec-")}
+    assert len(hits) == 5 and catalog.read_sightings(workspace).height == 5
+    # the catalog's commit is lost after its sightings were written: the journal still has every row
+    shutil.rmtree(workspace.table_path)
+    s = scrape.run(m, workspace, show_progress=False)
+    df = catalog.read(workspace)
+    assert s.recovered == 5 and df.height == 5 and s.requested == 0
+    assert {k: v for k, v in fx.hits.items() if k.startswith("/img/rec-")} == hits  # nothing fetched again
+    assert catalog.read_sightings(workspace).height == 5  # no duplicate sightings either
+    # journal and catalog both gone: a sighting alone does not settle a URL whose image the catalog lacks
+    shutil.rmtree(workspace.table_path)
+    (workspace.root / "stages" / "scrape" / "journal.jsonl").unlink()
+    s2 = scrape.run(m, workspace, show_progress=False)
+    assert s2.requested == 5 and catalog.read(workspace).height == 5
+
+
+# ---------------------------------------------------------------- validation workers and the committer thread
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux /proc), without the multiprocessing resource tracker."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"resource_tracker" not in cmd:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_dead_validation_workers_are_recorded_failures_and_a_rerun_stores_the_images(fx, workspace, tmp_path):
+    m = make_manifest([_url_list(tmp_path, fx, "oom", 6)], target=10, classes=("Stegosaurus",),
+                      scrape_kw={"concurrency": 2, "per_host_concurrency": 2})
+    stop = threading.Event()
+
+    def killer() -> None:  # the OOM killer, or a decoder segfault, on every validation worker
+        while not stop.is_set():
+            for pid in _children(os.getpid()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            stop.wait(0.005)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        s = scrape.run(m, workspace, show_progress=False, workers=2)
+    finally:
+        stop.set()
+        t.join()
+    assert (s.requested, s.downloaded, s.failed) == (6, 0, 6)
+    assert s.sources[0]["reasons"] == "validator_crashed:6" and not s.classes[0]["exhausted"]
+    # transient: the next run fetches them again, and with live workers stores them
+    s2 = scrape.run(m, workspace, show_progress=False, workers=2)
+    assert (s2.requested, s2.downloaded) == (6, 6) and catalog.read(workspace).height == 6
+
+
+def test_a_failed_catalog_commit_is_the_runs_error_and_the_journal_keeps_the_rows(fx, workspace, tmp_path):
+    # Another stage left a column the scrape writes with an incompatible type: every commit fails.
+    catalog.write(workspace, catalog.rows_frame([{"image_id": "0" * 64, "label": "Triceratops", "status": "candidate",
+                                                  "source": 7}], {**catalog.SCHEMA, "source": pl.Int64}))
+    m = make_manifest([_url_list(tmp_path, fx, "cfail", 200)], target=200, classes=("Stegosaurus",),
+                      scrape_kw={"concurrency": 1, "per_host_concurrency": 1, "commit_every": 1})
+    fx.delay = 0.05
+    try:
+        with pytest.raises(Exception) as err:
+            scrape.run(m, workspace, show_progress=False)
+    finally:
+        fx.delay = 0.0
+    assert "urls" in str(err.value)  # the value the table's column could not take
+    fetched = sum(v for k, v in fx.hits.items() if k.startswith("/img/cfail-"))
+    assert 1 <= fetched < 100  # the run stopped at the failure (a commit takes < 5 s), not after the last download
+    journal = [json.loads(x) for x in (workspace.root / "stages" / "scrape" / "journal.jsonl").read_text().splitlines()]
+    assert len(journal) == fetched and all(r["row"]["status"] == "candidate" for r in journal)
+    assert catalog.read(workspace).height == 1  # nothing committed; the journal holds every row for recovery

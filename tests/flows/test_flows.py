@@ -360,16 +360,22 @@ def test_build_dataset_killed_then_resumed_without_redoing_work(env):
 @pytest.mark.slow
 def test_collect_review_pulls_and_reports_status(env):
     stack, ws = env["stack"], env["ws"]
-    if not (ws.root / "catalog.parquet").exists():
+    if not ws.catalog_path.exists():
         pytest.fail("runs after the build-dataset test, on its workspace")
     out = prefect_cli(stack, "deployment", "run", "collect-review/demo", "--param", f"manifest={env['manifest']}",
                       "--watch", "--watch-timeout", "200", timeout=230)
     assert out.returncode == 0, out.stdout[-4000:]
+    # the subflows' results reach the parent's log, which is what `--watch` shows: the pull's problems too
+    flat = re.sub(r"\s+", "", out.stdout)
+    assert "review-pull:dataset=e2e;samples=" in flat and "problems:none" in flat, out.stdout[-4000:]
+    assert re.search(r"review-status:\d+rows", flat), out.stdout[-3000:]
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with client(stack) as c:
         (status,) = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-review-status"])))
         (pull,) = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-review-pull-summary"])))
+        (parent,) = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["e2e-collect-review-summary"])))
+    assert "**review-pull**: dataset=e2e; samples=" in parent.data and "problems: none" in parent.data
     rows = status.data if isinstance(status.data, list) else json.loads(status.data)
     assert {r["label"] for r in rows} >= set(CLASSES)  # one row per class, nothing reviewed yet
     assert "samples" in str(pull.data)
@@ -385,7 +391,12 @@ def test_failed_stage_message_shows_in_watch_output(env):
     assert out.returncode != 0 and "Failed" in text
     # the CLI wraps long lines: compare without whitespace
     flat = re.sub(r"\s+", "", text)
-    assert re.sub(r"\s+", "", f"stage ingest failed: FileNotFoundError: folder source {tmp / 'no-such-tree'} does not exist") in flat
+    cause = re.sub(r"\s+", "", f"stage ingest failed: FileNotFoundError: folder source {tmp / 'no-such-tree'} does not exist")
+    assert cause in flat
+    # the cause comes first, the traceback once under it (not again from the engine's own reports)
+    assert flat.count("Traceback(mostrecentcalllast)") == 1, text[-6000:]
+    assert flat.index(cause) < flat.index("Traceback(mostrecentcalllast)") < flat.index("Finishedinstate")
+    assert flat.count("stageingestfailed") == 1
     assert not (tmp / "ws-bad" / "published").exists()  # a failed curation stage publishes nothing: nothing trains
 
 

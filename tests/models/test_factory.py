@@ -126,3 +126,27 @@ def test_missing_weights_is_one_sentence_and_exit_2(tmp_path, published):
     err = res.output.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the weights file") and "missing.pth" in err[0]
     assert np.isscalar(res.exit_code)
+
+
+def test_unreachable_hub_fails_fast_and_still_loads_cached_weights(tmp_path):
+    """HF_HUB_OFFLINE unset and the hub down: one short probe, not ~50 s of retries. Weights already
+    in the cache load at once; missing ones fail at once, with the whole sentence."""
+    import timm
+    from safetensors.torch import save_file
+
+    from tests.unreachable_hub import load_in_fresh_process
+
+    src = timm.create_model("test_resnet", pretrained=False)
+    repo = tmp_path / "hf" / "hub" / "models--timm--test_resnet.r160_in1k"  # huggingface_hub's cache layout
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, repo / "snapshots" / commit / "model.safetensors")
+
+    cached, missing = load_in_fresh_process("timm", tmp_path / "hf")
+    assert cached["error"] is None and cached["seconds"] < 5, cached
+    assert missing["error"] == "WeightsUnavailable" and missing["seconds"] < 5, missing
+    msg = missing["message"]
+    assert "\n" not in msg and "cannot be reached (ConnectError" in msg and "Connection refused" in msg
+    assert msg.endswith("set train.models[m].weights to a local file or pretrained: false."), msg

@@ -1,0 +1,892 @@
+"""Real-photo dedup benchmark: Debian packages of photos in, a tune and a held-out split of planted
+near duplicates out (``build``), and our dedup stage vs imagededup on either split (``eval``).
+
+    .venv/bin/python benchmarks/realphotos.py build [--out /work/data/realphotos]
+    .venv/bin/python benchmarks/realphotos.py eval --split tune|heldout [--no-peer] [--cnn] [--json F]
+    .venv/bin/python benchmarks/realphotos.py eval --split heldout --code DIR   # e.g. a baseline:
+        mkdir /tmp/base && git archive HEAD curation | tar -x -C /tmp/base
+    .venv/bin/python benchmarks/realphotos.py fixtures   # tests/assets/dedup/photos from the tune split
+
+``eval`` runs our stage as a user does (a workspace with a folder source over the split: ingest,
+then dedup; pairs = all pairs within one ``dup_group``, or one stored image) and imagededup's PHash
+at its default and best threshold 10 through its batched encode_images + find_duplicates (pairs of
+the connected components of its duplicate map, and its raw pair list); ``--cnn`` also tries its
+CNN, whose weights cannot be downloaded offline. It prints pair precision/recall, recall of each
+copy with its original per transform, and false pairs.
+
+Originals come from Debian packages (downloaded with ``apt-get download``, unpacked with
+``dpkg-deb -x``, nothing installed): the photos GCompris ships inside its Qt resource files
+(animals, monuments, tools, fish, hands, planets: carved out of the .rcc files as WebP), KDE Plasma,
+MATE, GNOME, UKUI, Lomiri and sway wallpapers, MyPaint's paper textures and Debian's login
+backgrounds (low-texture: gradients, stripes, soft waves). Package variants are kept as real
+duplicates: the same wallpaper shipped at several resolutions, and the light/dark recolourings of
+one design. Originals are split by ORIGINAL (seed 13) into tune and heldout, so no picture has
+copies in both. Thresholds may be tuned on ``tune`` only; report ``heldout``.
+
+Layout written under OUT (default /work/data/realphotos, not committed):
+  {tune,heldout}/<class>/<opaque name>.jpg   (class folders c0..c3, so a folder source ingests them)
+  {tune,heldout}/truth.csv                   file (relative to the split), original_id, transform
+  originals.csv                              original_id, split, package, source path, role
+  README.md                                  this layout, the transforms and the licences
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import random
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_OUT = Path("/work/data/realphotos")
+SEED = 13
+CLASSES = ["c0", "c1", "c2", "c3"]
+MAX_SIDE = 1280  # originals are downscaled to this long side (the wallpapers are up to 5120 px)
+
+PACKAGES = [
+    "gcompris-qt-data", "plasma-workspace-wallpapers", "mate-backgrounds", "gnome-backgrounds",
+    "ukui-wallpapers", "lomiri-wallpapers", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04",
+    "sway-backgrounds", "mypaint-data-extras", "desktop-base",
+]
+# GCompris activities whose images are photographs (lang, babyshapes, chronos: drawings;
+# paintings: jigsaw pieces with holes).
+GCOMPRIS_PHOTO_RCC = [
+    "categorization", "explore_monuments", "erase", "details", "explore_world_animals",
+    "explore_farm_animals", "explore_world_music", "leftright", "louis-braille", "solar_system", "clickgame",
+]
+
+# Synthetic transforms (a random subset per original); package variants add pkg_resolution and
+# pkg_recolour, which are the packages' own files.
+TRANSFORMS = [
+    "resize_half", "resize_small", "jpeg_q25", "crop5_side", "crop5_all", "crop10_side", "crop10_all",
+    "bright_1.3", "grey", "text", "hflip", "rotate", "pad", "hue", "border",
+]
+PACKAGE_TRANSFORMS = ["pkg_resolution", "pkg_recolour", "pkg_logo"]
+
+
+@dataclass
+class Original:
+    oid: str  # stable id: package + path inside it (+ carve index)
+    package: str
+    path: str
+    image: Image.Image
+    variants: list[tuple[str, str, Image.Image]]  # (transform, path, image): package-shipped copies
+    low_texture: bool = False
+
+
+# ---------------------------------------------------------------- sources
+
+
+def fetch_packages(cache: Path) -> Path:
+    """Download and unpack the packages (no install, no root needed); returns the unpack root."""
+    debs, root = cache / "debs", cache / "x"
+    debs.mkdir(parents=True, exist_ok=True)
+    missing = [p for p in PACKAGES if not list(debs.glob(f"{p}_*.deb"))]
+    if missing:
+        subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True, capture_output=True)
+    for p in PACKAGES:
+        dest = root / p
+        if not dest.exists():
+            (deb,) = debs.glob(f"{p}_*.deb")
+            dest.mkdir(parents=True)
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
+    return root
+
+
+def _shrink(im: Image.Image, side: int = MAX_SIDE) -> Image.Image:
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    im = im.convert("RGB")
+    if max(im.size) > side:
+        im.thumbnail((side, side), Image.LANCZOS)
+    return im
+
+
+def _load(path: Path, side: int = MAX_SIDE) -> Image.Image:
+    with Image.open(path) as im:
+        im.draft("RGB", (side, side))
+        return _shrink(im, side)
+
+
+def rcc_names(b: bytes) -> dict[int, str]:
+    """Qt resource file (.rcc) bytes -> {offset of a file's bytes: its path} (formats 1-3)."""
+    if b[:4] != b"qres":
+        return {}
+    ver, tree, data, names = struct.unpack(">IIII", b[4:20])
+    entry = 14 if ver == 1 else 22
+    out: dict[int, str] = {}
+
+    def name_at(off: int) -> str:
+        n = struct.unpack(">H", b[names + off : names + off + 2])[0]
+        return b[names + off + 6 : names + off + 6 + 2 * n].decode("utf-16-be")
+
+    def walk(i: int, prefix: str) -> None:
+        e = tree + i * entry
+        noff, flags = struct.unpack(">IH", b[e : e + 6])
+        name = name_at(noff) if i else ""
+        if flags & 2:  # directory
+            count, first = struct.unpack(">II", b[e + 6 : e + 14])
+            for c in range(first, first + count):
+                walk(c, f"{prefix}{name}/" if i else "")
+        else:
+            out[data + struct.unpack(">I", b[e + 10 : e + 14])[0] + 4] = prefix + name  # after a 4-byte size
+
+    walk(0, "")
+    return out
+
+
+def carve_webp(rcc: Path) -> list[tuple[str, Image.Image]]:
+    """(path inside the resource, image) of the WebP files in a Qt resource (.rcc) file, in order."""
+    b = rcc.read_bytes()
+    names = rcc_names(b)
+    out, i = [], b.find(b"RIFF")
+    while i >= 0:
+        if b[i + 8 : i + 12] == b"WEBP":
+            size = struct.unpack("<I", b[i + 4 : i + 8])[0] + 8
+            try:
+                with Image.open(io.BytesIO(b[i : i + size])) as im:
+                    out.append((names.get(i, f"{rcc.name}@{i}"), _shrink(im)))
+            except Exception:  # noqa: BLE001 - a false RIFF match
+                pass
+        i = b.find(b"RIFF", i + 4)
+    return out
+
+
+def copyright_stanzas(path: Path) -> list[tuple[list[str], str, str]]:
+    """(file patterns, copyright, licence) per stanza of a machine-readable debian/copyright."""
+    out, cur, field = [], {}, None
+    for line in path.read_text(errors="replace").splitlines() + [""]:
+        if not line.strip():
+            if "files" in cur and "license" in cur:
+                out.append((cur["files"].split(), " ".join(cur.get("copyright", "").split()), cur["license"].splitlines()[0].strip()))
+            cur, field = {}, None
+        elif line[0] in " \t" and field:
+            cur[field] += "\n" + line.strip()
+        elif ":" in line:
+            field, _, value = line.partition(":")
+            field = field.strip().lower()
+            cur[field] = value.strip()
+    return out
+
+
+def licence_of(stanzas: list[tuple[list[str], str, str]], path: str) -> str:
+    """The last stanza matching ``path`` wins (DEP-5); the package ships WebP files converted
+    from the upstream .jpg/.png/.svg the stanza names, so extensions are ignored."""
+    import fnmatch
+
+    stem = path.rsplit(".", 1)[0]
+    found = "?"
+    for patterns, holder, licence in stanzas:
+        if any(fnmatch.fnmatch(stem, p.rsplit(".", 1)[0] if "." in p.rsplit("/", 1)[-1] else p) or fnmatch.fnmatch(path, p)
+               for p in patterns):
+            if patterns == ["*"]:
+                holder = "no stanza of its own: the package's `Files: *`, the GCompris developers"
+            found = f"{licence} ({holder[:100]})" if holder else licence
+    return found
+
+
+def _aspect(im: Image.Image) -> float:
+    return im.size[0] / im.size[1]
+
+
+def collect_originals(x: Path) -> list[Original]:
+    out: list[Original] = []
+    rcc_dir = x / "gcompris-qt-data/usr/share/gcompris-qt/rcc"
+    for name in GCOMPRIS_PHOTO_RCC:
+        for k, (path, im) in enumerate(carve_webp(rcc_dir / f"{name}.rcc")):  # k: n-th WebP in the file
+            if min(im.size) < 200:
+                continue
+            out.append(Original(f"gcompris/{name}/{k:03d}", "gcompris-qt-data", f"rcc/{name}.rcc:{path}", im, []))
+
+    # Plasma: one folder per wallpaper; images/ holds resolutions, images_dark/ a recolouring.
+    pw = x / "plasma-workspace-wallpapers/usr/share/wallpapers"
+    for d in sorted(pw.iterdir()):
+        # most listed resolutions are symlinks to one file: only real files are distinct copies
+        files = sorted((p for p in (d / "contents/images").glob("*.*") if not p.is_symlink()), key=lambda p: -_pixels(p))
+        if not files:
+            continue
+        main = _load(files[0])
+        variants = []
+        # other resolutions of the same aspect (a different aspect is a different crop: left out),
+        # scaled by the factor the main file was, so they keep the sizes relative to it they ship at
+        same = [p for p in files[1:] if abs(_aspect(_load(p, 64)) - _aspect(main)) < 0.03]
+        for p in _spread(same, 3):
+            side = round(max(main.size) * _long(p) / _long(files[0]))
+            variants.append(("pkg_resolution", str(p.relative_to(x)), _load(p, side)))
+        dark = sorted((p for p in (d / "contents/images_dark").glob("*.*") if not p.is_symlink()), key=lambda p: -_pixels(p))
+        if dark:
+            variants.append(("pkg_recolour", str(dark[0].relative_to(x)), _load(dark[0])))
+        out.append(Original(f"plasma/{d.name}", "plasma-workspace-wallpapers", str(files[0].relative_to(x)), main, variants))
+
+    mate = x / "mate-backgrounds/usr/share/backgrounds/mate"
+    groups = {
+        "Elephants": ("pkg_resolution", ["abstract/Elephants_5640x3172.jpg", "abstract/Elephants_3840x2160.jpg", "abstract/Elephants.jpg"]),
+        "Ubuntu-Mate": ("pkg_recolour", [f"desktop/Ubuntu-Mate-{c}-no-logo.png" for c in ("Warm", "Cold", "Dark", "Radioactive")]),
+        "MATE-Stripes": ("pkg_recolour", ["desktop/MATE-Stripes-Light.png", "desktop/MATE-Stripes-Dark.png"]),
+    }
+    grouped = {f for _, fs in groups.values() for f in fs}
+    for key, (kind, fs) in groups.items():
+        main = _load(mate / fs[0])
+        scaled = [round(max(main.size) * _long(mate / f) / _long(mate / fs[0])) for f in fs[1:]]
+        out.append(Original(f"mate/{key}", "mate-backgrounds", fs[0], main,
+                            [(kind, f, _load(mate / f, side)) for f, side in zip(fs[1:], scaled)]))
+    for p in sorted(mate.rglob("*.*")):
+        rel = str(p.relative_to(mate))
+        if rel not in grouped and p.suffix.lower() in (".jpg", ".png"):
+            low = rel.startswith("desktop/") or rel in ("abstract/Flow.png", "abstract/Silk.png", "abstract/Waves.png")
+            out.append(Original(f"mate/{rel}", "mate-backgrounds", rel, _load(p), [], low_texture=low))
+
+    gn = x / "gnome-backgrounds/usr/share/backgrounds/gnome"
+    for p in sorted(gn.glob("*-l.webp")):
+        dark = p.with_name(p.name.replace("-l.webp", "-d.webp"))
+        out.append(Original(f"gnome/{p.stem[:-2]}", "gnome-backgrounds", p.name, _load(p),
+                            [("pkg_recolour", dark.name, _load(dark))] if dark.exists() else []))
+
+    sway = x / "sway-backgrounds/usr/share/backgrounds/sway"
+    sizes = ["1920x1080", "1366x768", "1136x640"]  # the 16:9 ones (others are other crops)
+    main = _load(sway / f"Sway_Wallpaper_Blue_{sizes[0]}.png")
+    out.append(Original("sway/Blue", "sway-backgrounds", f"Sway_Wallpaper_Blue_{sizes[0]}.png", main,
+                        [("pkg_resolution", f"Sway_Wallpaper_Blue_{s}.png",
+                          _load(sway / f"Sway_Wallpaper_Blue_{s}.png", round(max(main.size) * int(s.split("x")[0]) / 1920)))
+                         for s in sizes[1:]]))
+
+    for pkg, sub in [("ukui-wallpapers", "usr/share/backgrounds"), ("lomiri-wallpapers", "usr/share/backgrounds"),
+                     ("lomiri-wallpapers-16.04", "usr/share/backgrounds"), ("lomiri-wallpapers-20.04", "usr/share/backgrounds")]:
+        for p in sorted((x / pkg / sub).glob("*.*")):
+            if p.suffix.lower() in (".jpg", ".png"):
+                out.append(Original(f"{pkg}/{p.name}", pkg, p.name, _load(p), []))
+
+    # MyPaint ships some paper scans in two tints: recolourings of one texture.
+    mp_dir = x / "mypaint-data-extras/usr/share/mypaint/backgrounds"
+    tints = {"mrmamurk/mamurk_a_1.png": "mrmamurk/mamurk_a_2.png", "mrmamurk/mamurk_e_1.png": "mrmamurk/mamurk_e_2.png",
+             "ramon/HR_SketchPaper.png": "ramon/HR_SketchPaper 02.png"}
+    for p in sorted(mp_dir.rglob("*.png")):
+        rel = str(p.relative_to(mp_dir))
+        if rel in tints.values():
+            continue
+        variants = [("pkg_recolour", tints[rel], _load(mp_dir / tints[rel]))] if rel in tints else []
+        out.append(Original(f"mypaint/{rel}", "mypaint-data-extras", rel, _load(p), variants, low_texture=True))
+    db = x / "desktop-base/usr/share/desktop-base"
+    logo = db / "lines-theme/login/sddm-preview.jpg"  # the same picture without the logo beside it
+    out.append(Original("desktop-base/lines-theme", "desktop-base", "lines-theme/login/sddm-preview-nologo.jpg",
+                        _load(db / "lines-theme/login/sddm-preview-nologo.jpg"),
+                        [("pkg_logo", "lines-theme/login/sddm-preview.jpg", _load(logo))], low_texture=True))
+    for p in sorted(db.glob("*-theme/login/*.*")):
+        if p.suffix.lower() in (".png", ".jpg") and "lines-theme" not in str(p):
+            out.append(Original(f"desktop-base/{p.parent.parent.name}/{p.name}", "desktop-base",
+                                str(p.relative_to(x / "desktop-base")), _load(p), [], low_texture=True))
+    return out
+
+
+def _long(p: Path) -> int:
+    with Image.open(p) as im:
+        return max(im.size)
+
+
+def _pixels(p: Path) -> int:
+    with Image.open(p) as im:
+        return im.size[0] * im.size[1]
+
+
+def _spread(items: list, k: int) -> list:
+    """Up to k items spread over the list (largest, middle, smallest resolutions)."""
+    if len(items) <= k:
+        return items
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
+def _thumb(im: Image.Image) -> np.ndarray:
+    g = np.asarray(im.convert("L").resize((32, 32), Image.BOX), np.float32).ravel()
+    g = g - g.mean()
+    return g / max(float(np.linalg.norm(g)), 1e-6)
+
+
+# Pairs the screen below flags that are different pictures (checked by eye): smooth gradients whose
+# thumbnails correlate. Kept, as the low-texture images that tempt a dedup into false merges.
+KNOWN_DISTINCT = {
+    ("ukui-wallpapers/focal-ubuntukylin.png", "sway/Blue"),
+    ("lomiri-wallpapers/lomiri-default-background.png", "sway/Blue"),
+    ("lomiri-wallpapers/warty-final-ubuntu.png", "sway/Blue"),
+    ("lomiri-wallpapers/lomiri-default-background.png", "ukui-wallpapers/focal-ubuntukylin.png"),
+    ("lomiri-wallpapers/warty-final-ubuntu.png", "ukui-wallpapers/focal-ubuntukylin.png"),
+    ("desktop-base/joy-theme/sddm-preview.jpg", "mate/desktop/Stripes.png"),
+    ("desktop-base/joy-inksplat-theme/sddm-preview.jpg", "mate/desktop/Stripes.png"),
+}
+
+
+def drop_repeats(originals: list[Original]) -> tuple[list[Original], list[tuple[str, str]]]:
+    """Keep one of each picture the packages ship twice (GCompris reuses photos across activities,
+    sometimes re-cropped), also mirrored, so the "distinct" ground truth is not wrong; and drop
+    blank ones (transparent overlays meant for a background colour).
+
+    Same picture: 32x32 grey thumbnails correlating >= 0.8 and pHashes within 16 bits (smooth
+    gradients correlate >= 0.9 while 20-38 bits apart: distinct pictures, kept).
+    An ORB + RANSAC screen of all pairs (run once, 82 s) found no repeat beyond these.
+    """
+    import imagehash
+
+    kept: list[Original] = []
+    thumbs: list[np.ndarray] = []
+    hashes: list = []
+    dropped = []
+    for o in originals:
+        if float(np.asarray(o.image.convert("L"), np.float32).std()) < 3:
+            dropped.append((o.oid, "(blank)"))
+            continue
+        t, tf = _thumb(o.image), _thumb(ImageOps.mirror(o.image))
+        h, hf = imagehash.phash(o.image), imagehash.phash(ImageOps.mirror(o.image))
+        if thumbs:
+            m = np.stack(thumbs)
+            c = np.maximum(m @ t, m @ tf)
+            d = np.array([min(h - k, hf - k) for k in hashes])
+            same = (c >= 0.8) & (d <= 16)
+            same &= np.array([(o.oid, k.oid) not in KNOWN_DISTINCT for k in kept])
+            if same.any():
+                dropped.append((o.oid, kept[int(np.argmax(np.where(same, c, -1)))].oid))
+                continue
+        kept.append(o)
+        thumbs.append(t)
+        hashes.append(h)
+    return kept, dropped
+
+
+# ---------------------------------------------------------------- transforms
+
+_FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
+_WORDS = ["SALE", "Photo by", "www.example.org", "Holiday 2019", "(c) stock", "FREE", "wallpaper", "HD 4K"]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.truetype(_FONT, size)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def apply(kind: str, im: Image.Image, rng: random.Random) -> tuple[Image.Image, str]:
+    """(transformed image, parameters as text) for one synthetic transform."""
+    w, h = im.size
+    if kind == "resize_half":
+        return im.resize((max(1, w // 2), max(1, h // 2)), Image.LANCZOS), "1/2"
+    if kind == "resize_small":
+        s = rng.choice([192, 256, 320])
+        c = im.copy()
+        c.thumbnail((s, s), Image.LANCZOS)
+        return c, f"long side {s}"
+    if kind == "jpeg_q25":
+        return im, "q25"  # encoded at q25 by the writer
+    if kind.startswith("crop"):
+        f = (5 if kind.startswith("crop5") else 10) / 100
+        if kind.endswith("_all"):  # f of the width and height from every side
+            dx, dy = round(w * f), round(h * f)
+            return im.crop((dx, dy, w - dx, h - dy)), f"{f:.0%} each side"
+        side = rng.choice(["left", "right", "top", "bottom"])
+        box = {"left": (round(w * f), 0, w, h), "right": (0, 0, w - round(w * f), h),
+               "top": (0, round(h * f), w, h), "bottom": (0, 0, w, h - round(h * f))}[side]
+        return im.crop(box), f"{f:.0%} from {side}"
+    if kind == "bright_1.3":
+        return ImageEnhance.Brightness(im).enhance(1.3), "x1.3"
+    if kind == "grey":
+        return im.convert("L").convert("RGB"), ""
+    if kind == "text":
+        c = im.copy()
+        d = ImageDraw.Draw(c)
+        size = max(12, h // rng.choice([8, 10, 14]))
+        word = rng.choice(_WORDS)
+        font = _font(size)
+        x0, y0 = rng.randint(0, max(1, w // 3)), rng.choice([h // 20, h - size * 2])
+        d.text((x0, y0), word, font=font, fill=rng.choice([(255, 255, 255), (255, 230, 0), (0, 0, 0)]),
+               stroke_width=max(1, size // 15), stroke_fill=(0, 0, 0))
+        return c, f"'{word}' {size}px"
+    if kind == "hflip":
+        return ImageOps.mirror(im), ""
+    if kind == "rotate":
+        a = rng.uniform(2, 5) * rng.choice([-1, 1])
+        return im.rotate(a, resample=Image.BICUBIC, expand=False, fillcolor=(0, 0, 0)), f"{a:+.1f} deg, black corners"
+    if kind == "pad":
+        mode = rng.choice(["letterbox", "square", "margin"])
+        colour = rng.choice([(0, 0, 0), (255, 255, 255)])
+        if mode == "letterbox":  # onto a 16:9 or 9:16 canvas, bars on the short sides
+            W, H = (max(w, round(h * 16 / 9)), h) if w / h < 16 / 9 else (w, max(h, round(w * 9 / 16)))
+            if (W, H) == (w, h):
+                W, H = w, round(h * 1.3)
+        elif mode == "square":
+            W = H = max(w, h)
+        else:
+            W, H = round(w * 1.15), round(h * 1.15)
+        c = Image.new("RGB", (W, H), colour)
+        c.paste(im, ((W - w) // 2, (H - h) // 2))
+        return c, f"{mode} {'black' if colour == (0, 0, 0) else 'white'} to {W}x{H}"
+    if kind == "hue":
+        shift = rng.randint(60, 180)
+        hsv = np.asarray(im.convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int32) + shift * 255 // 360) % 256
+        return Image.fromarray(hsv, "HSV").convert("RGB"), f"hue +{shift} deg"
+    if kind == "border":  # a screenshot: window frame, title bar, desktop margin around the picture
+        bar, edge, margin = max(14, h // 16), max(2, w // 200), rng.choice([0, max(8, w // 25)])
+        W, H = w + 2 * edge + 2 * margin, h + bar + edge + 2 * margin
+        desk = rng.choice([(40, 60, 90), (230, 230, 230), (20, 20, 20)])
+        c = Image.new("RGB", (W, H), desk)
+        d = ImageDraw.Draw(c)
+        d.rectangle((margin, margin, W - margin - 1, H - margin - 1), fill=(60, 60, 60))
+        d.rectangle((margin, margin, W - margin - 1, margin + bar), fill=(210, 210, 215))
+        for k, col in enumerate([(237, 106, 94), (245, 191, 79), (98, 197, 84)]):
+            cx, cy, r = margin + bar * (k + 1), margin + bar // 2, bar // 4
+            d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=col)
+        d.text((margin + bar * 5, margin + bar // 4), "image.jpg - Viewer", font=_font(max(9, bar // 2)), fill=(40, 40, 40))
+        c.paste(im, (margin + edge, margin + bar))
+        return c, f"title bar {bar}px, margin {margin}px"
+    raise ValueError(f"unknown transform {kind}")
+
+
+def _encode(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- build
+
+
+def build(out: Path, *, dup_share: float = 0.75, k_min: int = 3, k_max: int = 6) -> None:
+    x = fetch_packages(out)
+    originals = collect_originals(x)
+    originals, dropped = drop_repeats(originals)
+    rng = random.Random(SEED)
+    order = sorted(originals, key=lambda o: o.oid)
+    rng.shuffle(order)
+    split_of = {o.oid: ("tune" if i % 2 == 0 else "heldout") for i, o in enumerate(order)}
+    rows_orig = []
+    counts: dict[str, dict[str, int]] = {"tune": {}, "heldout": {}}
+    for split in ("tune", "heldout"):
+        d = out / split
+        for c in CLASSES:
+            (d / c).mkdir(parents=True, exist_ok=True)
+            for old in (d / c).glob("*.jpg"):
+                old.unlink()
+        truth = []
+        srng = random.Random(f"{SEED}-{split}")
+        for o in sorted((o for o in originals if split_of[o.oid] == split), key=lambda o: o.oid):
+            # package variants always come with their copies; of the rest, dup_share get copies
+            has_copies = bool(o.variants) or srng.random() < dup_share
+            role = "with_copies" if has_copies else "distractor"
+            rows_orig.append({"original_id": o.oid, "split": split, "package": o.package, "path": o.path,
+                              "role": role, "low_texture": o.low_texture, "width": o.image.size[0], "height": o.image.size[1]})
+            items: list[tuple[str, str, bytes]] = [("orig", "", _encode(o.image, 92))]
+            for kind, path, im in o.variants:
+                items.append((kind, path, _encode(im, 92)))
+            if has_copies:
+                for kind in srng.sample(TRANSFORMS, srng.randint(k_min, k_max)):
+                    im, params = apply(kind, o.image, srng)
+                    items.append((kind, params, _encode(im, 25 if kind == "jpeg_q25" else 90)))
+            seen: set[bytes] = set()
+            for kind, params, data in items:
+                if data in seen:  # e.g. resize_small of a small original equals resize_half
+                    continue
+                seen.add(data)
+                name = hashlib.sha1(f"{SEED}|{o.oid}|{kind}|{params}".encode()).hexdigest()[:12] + ".jpg"
+                rel = f"{srng.choice(CLASSES)}/{name}"
+                (d / rel).write_bytes(data)
+                truth.append({"file": rel, "original_id": o.oid, "transform": kind, "params": params})
+                counts[split][kind] = counts[split].get(kind, 0) + 1
+        with open(d / "truth.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, ["file", "original_id", "transform", "params"])
+            wr.writeheader()
+            wr.writerows(truth)
+    with open(out / "originals.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, list(rows_orig[0]))
+        wr.writeheader()
+        wr.writerows(rows_orig)
+    with open(out / "dropped_repeats.csv", "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["dropped", "same_picture_as"])
+        wr.writerows(dropped)
+    _write_readme(out, originals, dropped, counts, rows_orig)
+    for split in ("tune", "heldout"):
+        n = sum(counts[split].values())
+        print(f"{split}: {n} files, " + ", ".join(f"{k} {v}" for k, v in sorted(counts[split].items())))
+    print(f"{len(originals)} distinct originals ({len(dropped)} repeats dropped); written to {out}")
+
+
+def _write_readme(out: Path, originals: list[Original], dropped: list, counts: dict, rows: list[dict]) -> None:
+    by_pkg: dict[str, int] = {}
+    for o in originals:
+        by_pkg[o.package] = by_pkg.get(o.package, 0) + 1
+    roles = {s: {r: sum(1 for x in rows if x["split"] == s and x["role"] == r) for r in ("with_copies", "distractor")} for s in ("tune", "heldout")}
+    text = f"""# Real-photo dedup benchmark data (built by benchmarks/realphotos.py build; not committed)
+
+Rebuild: `.venv/bin/python benchmarks/realphotos.py build` (deterministic, seed {SEED}; needs apt-get download).
+
+## Layout
+- `tune/`, `heldout/`: disjoint by ORIGINAL picture (every copy of a picture is in the same split).
+  Tune thresholds on `tune` only; report `heldout`.
+  - `<split>/<class>/<12 hex>.jpg`: class folders {", ".join(CLASSES)} (random per file, so some
+    duplicate groups span classes, as the same picture found under two labels does). A folder
+    source ingests `<split>/` directly.
+  - `<split>/truth.csv`: `file` (relative to the split), `original_id`, `transform`, `params`.
+    Files with the same `original_id` are duplicates of each other; all others are not.
+- `originals.csv`: every original, its split, package, path in the package, role
+  (`with_copies` or `distractor`: no copies, only there to be wrongly merged), `low_texture`.
+- `dropped_repeats.csv`: pictures a package ships twice (GCompris reuses photos across
+  activities), kept once (32x32 grey thumbnails correlating >= 0.8 and pHashes within 16 bits,
+  also mirrored; pairs checked by eye as distinct are kept), and blank ones (transparent overlays).
+- `debs/`, `x/`: the downloaded packages and their unpacked files.
+
+## Originals ({len(originals)} distinct)
+{chr(10).join(f"- {p}: {n}" for p, n in sorted(by_pkg.items()))}
+
+Split roles: tune {roles['tune']}, heldout {roles['heldout']}.
+Originals are downscaled to {MAX_SIDE} px long side and written as JPEG q92 (`orig`).
+No large wallpaper was split into tiles.
+
+## Transforms
+Package-shipped copies (real): `pkg_resolution` (the same wallpaper at another resolution of the
+same aspect, scaled by the factor its main file was; Plasma lists many resolutions but as symlinks
+to one file, and its portrait files are other crops, left out, so only MATE's Elephants and sway's
+Blue give these), `pkg_recolour` (the dark/light or colour variants of one design: Plasma
+images_dark, GNOME -l/-d, Ubuntu-MATE colours, MyPaint paper tints), `pkg_logo` (desktop-base's
+lines login screen with and without the logo).
+Hard negatives kept on purpose: desktop-base's login-screen previews of different themes share the
+same login widgets (clock, avatars, password box) on different backgrounds; GCompris has
+photos of one set of toy blocks with different letters, planets on black, hands on white.
+Synthetic, a random 3-6 per original with copies (JPEG q90 unless said):
+`resize_half`, `resize_small` (long side 192/256/320), `jpeg_q25`, `crop5_side`/`crop10_side` (5%/10%
+of the width or height from one random side), `crop5_all`/`crop10_all` (5%/10% from every side),
+`bright_1.3`, `grey`, `text` (a caption, 1/8-1/14 of the height), `hflip`, `rotate` (2-5 degrees,
+black corners, same size), `pad` (letterbox to 16:9, square, or a 15% margin, black or white),
+`hue` (hue shift 60-180 degrees), `border` (screenshot: window frame with a title bar, sometimes a
+desktop margin).
+
+Files per transform: tune {dict(sorted(counts['tune'].items()))}; heldout {dict(sorted(counts['heldout'].items()))}.
+
+## Licences (from each package's debian/copyright)
+- gcompris-qt-data: per file (public domain, CC-BY-2.0/3.0, CC-BY-SA-2.0/3.0/4.0, GPL-3/GPL-3+);
+  originals.csv gives each photo's path inside its .rcc, which debian/copyright names.
+- plasma-workspace-wallpapers: GPL-2+ (KDE); mate-backgrounds: GPL-2+ (per-file authors);
+  gnome-backgrounds: GPL-2+; ukui-wallpapers: CC-BY-SA-3.0; lomiri-wallpapers*: CC-BY-SA-3.0/4.0
+  or CC-BY-4.0 per file; sway-backgrounds: Expat; mypaint-data-extras: GPL-2+; desktop-base: GPL-2 or GPL-2+ per theme.
+  Full texts: x/<package>/usr/share/doc/<package>/copyright.
+"""
+    (out / "README.md").write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="download the packages and write the two splits")
+    b.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    f = sub.add_parser("fixtures", help="write the committed test fixtures (tune split) from a build")
+    f.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    e = sub.add_parser("eval", help="our dedup stage vs imagededup on one split")
+    e.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    e.add_argument("--split", choices=["tune", "heldout"], required=True)
+    e.add_argument("--no-peer", action="store_true", help="skip imagededup")
+    e.add_argument("--cnn", action="store_true", help="also try imagededup's CNN (needs its weights)")
+    e.add_argument("--examples", type=int, default=10, help="false pairs to print")
+    e.add_argument("--json", type=Path, help="also write the figures here")
+    e.add_argument("--code", type=Path, help="import curation from this tree instead (e.g. an export of HEAD, for a baseline)")
+    a = ap.parse_args()
+    if a.cmd == "build":
+        build(a.out)
+        return
+    if a.cmd == "fixtures":
+        write_fixtures(a.out)
+        return
+    if not (a.out / a.split / "truth.csv").exists():
+        sys.exit(f"error: no {a.out / a.split / 'truth.csv'}; run `benchmarks/realphotos.py build` first")
+    if a.code:
+        sys.path.insert(0, str(a.code.resolve()))
+    evaluate(a.out, a.split, peer=not a.no_peer, cnn=a.cnn, examples=a.examples, json_out=a.json)
+
+
+# ---------------------------------------------------------------- committed test fixtures
+
+FIXTURES = ROOT / "tests/assets/dedup/photos"
+# Photographs from the TUNE split only (held-out pictures never reach the tests), each planted
+# with every transform by the test; and distinct low-texture or look-alike pictures that must
+# stay apart (gradients, paper scans, two photos of pliers).
+FIXTURE_PHOTOS = [
+    "gcompris/categorization/002", "gcompris/categorization/010", "gcompris/categorization/076",
+    "gcompris/erase/005", "gcompris/explore_monuments/001", "gcompris/explore_monuments/013",
+    "gcompris/explore_world_animals/002", "gcompris/explore_world_animals/005",
+    "gcompris/explore_farm_animals/003", "gcompris/explore_world_music/002", "gcompris/leftright/000",
+    "lomiri-wallpapers-16.04/Bridge_by_Sander_Klootwijk.jpg", "mate/nature/LadyBird.jpg", "plasma/Kite",
+]
+FIXTURE_LOOKALIKES = [
+    "sway/Blue", "ukui-wallpapers/focal-ubuntukylin.png", "mate/desktop/Stripes.png",
+    "mate/desktop/GreenTraditional.jpg", "mypaint/ramon/HR_PastelPaper 01.png", "mypaint/ramon/HR_PastelPaper 02.png",
+    "mypaint/ramon/HR_Cork.png", "mypaint/mrmamurk/mamurk_b_1.png", "gcompris/categorization/034",
+    "gcompris/categorization/053",
+]
+FIXTURE_SIDE = 480
+
+
+def write_fixtures(out: Path) -> None:
+    """Downscale the chosen originals (tune split) into tests/assets/dedup/photos/, JPEG q85."""
+    split = {r["original_id"]: r for r in csv.DictReader(open(out / "originals.csv", newline=""))}
+    truth = {oid: f for f, (oid, t) in read_truth(out / "tune").items() if t == "orig"}
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    for old in FIXTURES.glob("*.jpg"):
+        old.unlink()
+    lines = []
+    for kind, ids in (("photo", FIXTURE_PHOTOS), ("lookalike", FIXTURE_LOOKALIKES)):
+        for oid in ids:
+            r = split[oid]
+            assert r["split"] == "tune", f"{oid} is not in the tune split"
+            hits = list((out / "tune").glob(f"*/{truth[oid]}"))
+            im = _load(hits[0], FIXTURE_SIDE)
+            name = f"{kind}_" + "".join(ch if ch.isalnum() else "_" for ch in oid.split("/", 1)[1].rsplit(".", 1)[0]).strip("_").lower() + ".jpg"
+            im.save(FIXTURES / name, "JPEG", quality=85)
+            lines.append(f"| {name} | {r['package']} | {r['path']} | {_licence(r['package'], r['path'], out / 'x')} |")
+    (FIXTURES / "README.md").write_text(FIXTURE_README.format(side=FIXTURE_SIDE, rows="\n".join(lines)))
+    total = sum(p.stat().st_size for p in FIXTURES.glob("*.jpg"))
+    print(f"{len(lines)} fixtures, {total / 1e6:.2f} MB, in {FIXTURES}")
+
+
+def _licence(package: str, path: str, x: Path) -> str:
+    """Licence of one file, as the package's debian/copyright states it (Debian 12 versions)."""
+    if package == "gcompris-qt-data":
+        stanzas = copyright_stanzas(x / package / f"usr/share/doc/{package}/copyright")
+        return licence_of(stanzas, path.split(":", 1)[1].removeprefix("gcompris/"))
+    return {
+        "lomiri-wallpapers-16.04": "CC-BY-SA-4.0 (Sander Klootwijk, 2018)" if "Bridge" in path else "CC-BY-4.0 / CC-BY-SA-4.0",
+        "mate-backgrounds": "GPL-2+",
+        "plasma-workspace-wallpapers": "GPL-2+ (KDE)",
+        "ukui-wallpapers": "CC-BY-SA-3.0 (Ubuntu Kylin community)",
+        "sway-backgrounds": "Expat (Drew DeVault)",
+        "mypaint-data-extras": "GPL-2+ (MyPaint Development Team)",
+    }[package]
+
+
+FIXTURE_README = """# Real photographs for tests/curation/test_dedup_photos.py
+
+Downscaled to {side} px on the long side, JPEG q85, from Debian 12 (bookworm) packages, by
+`benchmarks/realphotos.py fixtures` (after `build`). Only pictures of the benchmark's TUNE split
+are here: the held-out split it reports stays unseen by tests and tuning.
+`photo_*`: planted with every transform by the test. `lookalike_*`: distinct pictures that look
+alike at thumbnail scale (gradients, paper scans, two photos of pliers): must never be grouped.
+
+GCompris photos are stored inside Qt resource files (`rcc/<activity>.rcc:<path in the resource>`);
+their licences are those /usr/share/doc/gcompris-qt-data/copyright gives that file (the package
+ships WebP conversions of the upstream .jpg/.png it names).
+
+| file | Debian package | path in the package | licence |
+| --- | --- | --- | --- |
+{rows}
+"""
+
+
+# ---------------------------------------------------------------- eval
+
+
+def read_truth(split_dir: Path) -> dict[str, tuple[str, str]]:
+    """file name -> (original_id, transform)."""
+    with open(split_dir / "truth.csv", newline="") as f:
+        return {Path(r["file"]).name: (r["original_id"], r["transform"]) for r in csv.DictReader(f)}
+
+
+def pairs_of_groups(groups: dict[str, list[str]]) -> set[tuple[str, str]]:
+    """All unordered pairs within each group, as (a, b) with a < b: how a user sees groups."""
+    return {(a, b) for fs in groups.values() for a, b in itertools.combinations(sorted(fs), 2)}
+
+
+def components_of(files: list[str], pairs: set[tuple[str, str]]) -> dict[str, list[str]]:
+    parent = {f: f for f in files}
+
+    def find(f: str) -> str:
+        while parent[f] != f:
+            parent[f] = parent[parent[f]]
+            f = parent[f]
+        return f
+
+    for a, b in pairs:
+        parent[find(a)] = find(b)
+    out: dict[str, list[str]] = {}
+    for f in files:
+        out.setdefault(find(f), []).append(f)
+    return out
+
+
+@dataclass
+class Scores:
+    precision: float
+    recall: float
+    predicted: int
+    true_pairs: int
+    per_transform: dict[str, float]  # recall of (copy, its original's "orig" file) pairs
+    false_pairs: list[tuple[str, str]]
+
+
+def score(pred: set[tuple[str, str]], truth: dict[str, tuple[str, str]]) -> Scores:
+    by: dict[str, list[str]] = {}
+    for f, (oid, _) in truth.items():
+        by.setdefault(oid, []).append(f)
+    true = pairs_of_groups(by)
+    pred = {p for p in pred if p[0] in truth and p[1] in truth}
+    tp = len(pred & true)
+    orig_file = {oid: f for f, (oid, t) in truth.items() if t == "orig"}
+    per: dict[str, list[bool]] = {}
+    for f, (oid, t) in truth.items():
+        if t != "orig":
+            per.setdefault(t, []).append(tuple(sorted((f, orig_file[oid]))) in pred)
+    return Scores(
+        precision=tp / len(pred) if pred else 1.0,
+        recall=tp / len(true) if true else 1.0,
+        predicted=len(pred),
+        true_pairs=len(true),
+        per_transform={t: sum(v) / len(v) for t, v in sorted(per.items())},
+        false_pairs=sorted(pred - true),
+    )
+
+
+def run_ours(split_dir: Path, work: Path) -> tuple[dict[str, list[str]], dict]:
+    """Our stage as a user runs it: a folder source over the split, ingest, then dedup.
+    Returns dup_group -> file names, and timings/summary."""
+    import time
+
+    import polars as pl
+
+    from curation import catalog, dedup, ingest
+    from curation.catalog import Workspace
+    from curation.config import parse_manifest
+
+    m = parse_manifest({
+        "name": "realphotos",
+        "classes": [{"name": c} for c in CLASSES],
+        "sources": [{"type": "folder", "path": str(split_dir), "license": "cc-by"}],
+    })
+    ws = Workspace(work / "ws").ensure()
+    t0 = time.perf_counter()
+    ingest.run(m, ws, show_progress=False)
+    t1 = time.perf_counter()
+    summary = dedup.run(m, ws, show_progress=False)
+    t2 = time.perf_counter()
+    df = catalog.read(ws)
+    # the same bytes found twice are one catalog row: map every sighting's file to its image
+    files = pl.concat([
+        df.select("image_id", "source_url"),
+        catalog.read_sightings(ws).select("image_id", "source_url"),
+    ], how="vertical_relaxed").unique()
+    files = files.with_columns(pl.col("source_url").str.split("/").list.last().alias("file"))
+    # files stored as one image (same bytes) are one group too, as the user sees one image
+    grp = files.join(df.select("image_id", "dup_group"), on="image_id").select(
+        pl.coalesce("dup_group", "image_id").alias("g"), "file").unique()
+    groups: dict[str, list[str]] = {}
+    for g, f in grp.iter_rows():
+        groups.setdefault(g, []).append(f)
+    groups = {g: fs for g, fs in groups.items() if len(fs) > 1}
+    info = {"ingest_s": round(t1 - t0, 2), "dedup_s": round(t2 - t1, 2), "images": df.height,
+            "summary": {k: v for k, v in vars(summary).items() if isinstance(v, (int, float))}}
+    return groups, info
+
+
+def run_imagededup(split_dir: Path, method: str = "phash") -> tuple[set[tuple[str, str]], set[tuple[str, str]], float]:
+    """imagededup on the same files, its batched API at its best configuration:
+    (pairs of connected components, its raw pair list, seconds)."""
+    import logging
+    import time
+
+    from imagededup.methods import CNN, PHash
+
+    import warnings
+
+    warnings.filterwarnings("ignore", module="imagededup")
+
+    def quiet() -> None:  # its loggers print every step, and warn that truth.csv is no image
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("imagededup"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+
+    quiet()
+    t0 = time.perf_counter()
+    if method == "phash":
+        tool = PHash(verbose=False)
+        quiet()
+        enc = tool.encode_images(image_dir=str(split_dir), recursive=True)
+        dup = tool.find_duplicates(encoding_map=enc, max_distance_threshold=10)
+    else:
+        tool = CNN(verbose=False)
+        quiet()
+        enc = tool.encode_images(image_dir=str(split_dir), recursive=True)
+        dup = tool.find_duplicates(encoding_map=enc, min_similarity_threshold=0.9)
+    el = time.perf_counter() - t0
+    raw = {tuple(sorted((Path(a).name, Path(b).name))) for a, bs in dup.items() for b in bs}
+    files = sorted({Path(k).name for k in dup})
+    comp = pairs_of_groups({k: v for k, v in components_of(files, raw).items() if len(v) > 1})
+    return comp, raw, el
+
+
+def evaluate(out: Path, split: str, *, peer: bool = True, cnn: bool = False, examples: int = 10,
+             json_out: Path | None = None) -> dict:
+    import json
+    import tempfile
+
+    split_dir = out / split
+    truth = read_truth(split_dir)
+    n_orig = len({o for o, _ in truth.values()})
+    with tempfile.TemporaryDirectory() as tmp:
+        groups, info = run_ours(split_dir, Path(tmp))
+    results: dict[str, Scores] = {"jurassiclass (dup_group)": score(pairs_of_groups(groups), truth)}
+    timings = {"jurassiclass ingest_s": info["ingest_s"], "jurassiclass dedup_s": info["dedup_s"]}
+    notes = []
+    if peer:
+        comp, raw, el = run_imagededup(split_dir)
+        results["imagededup PHash t=10 (components)"] = score(comp, truth)
+        results["imagededup PHash t=10 (raw pairs)"] = score(raw, truth)
+        timings["imagededup PHash s"] = round(el, 2)
+        if cnn:
+            try:
+                comp, raw, el = run_imagededup(split_dir, "cnn")
+                results["imagededup CNN 0.9 (components)"] = score(comp, truth)
+                results["imagededup CNN 0.9 (raw pairs)"] = score(raw, truth)
+                timings["imagededup CNN s"] = round(el, 2)
+            except Exception as exc:  # noqa: BLE001 - offline: its weights cannot be downloaded
+                notes.append(f"imagededup CNN did not run: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    print(f"split {split}: {len(truth)} files, {n_orig} originals, {info['images']} catalog rows; "
+          f"timings {timings}")
+    names = list(results)
+    print(f"{'':44s} {'precision':>9s} {'recall':>7s} {'pred':>6s} {'true':>6s}")
+    for k in names:
+        r = results[k]
+        print(f"{k:44s} {r.precision:9.4f} {r.recall:7.4f} {r.predicted:6d} {r.true_pairs:6d}")
+    transforms = sorted({t for r in results.values() for t in r.per_transform})
+    counts = {t: sum(1 for _, tt in truth.values() if tt == t) for t in transforms}
+    print("recall of (copy, original) pairs per transform: " + " / ".join(names))
+    for t in transforms:
+        print(f"  {t:16s} n={counts[t]:3d}  " + "  ".join(f"{results[k].per_transform.get(t, float('nan')):.3f}" for k in names))
+    for k in names[:2]:
+        fp = results[k].false_pairs
+        if fp:
+            print(f"false pairs, {k}: {len(fp)}; examples (file: original_id/transform):")
+            for a, b in fp[:examples]:
+                print(f"  {a} {truth[a][0]}/{truth[a][1]}  ~  {b} {truth[b][0]}/{truth[b][1]}")
+    for n in notes:
+        print(n)
+    doc = {"split": split, "files": len(truth), "originals": n_orig, "timings": timings, "ours": info["summary"],
+           "results": {k: {"precision": r.precision, "recall": r.recall, "predicted": r.predicted,
+                           "true_pairs": r.true_pairs, "per_transform": r.per_transform,
+                           "false_pairs": [[a, truth[a][0], truth[a][1], b, truth[b][0], truth[b][1]] for a, b in r.false_pairs]}
+                       for k, r in results.items()},
+           "transform_counts": counts, "notes": notes}
+    if json_out:
+        json_out.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
