@@ -1,10 +1,11 @@
-"""Image factories for tests: distinct textured images and every kind of bad input."""
+"""Image factories for tests: distinct textured images and every kind of bad input; a loopback HTTP handler base."""
 
 from __future__ import annotations
 
 import io
 import struct
 import zlib
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,21 @@ def bad_inputs() -> dict[str, tuple[bytes, str | None]]:
         "alpha.png": (rgba_png(), None),
         "palette.png": (palette_png(), None),
     }
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """Base of the tests' loopback servers: keep-alive like real services, no request log."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):  # keep test output clean
+        pass
+
+    def send(self, code: int, body: bytes, ctype: str = "application/octet-stream", headers=None):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)

@@ -245,6 +245,17 @@ def test_run_tops_classes_up_after_dedup_and_reports_exhausted_ones(folder_manif
     assert set(srv.hits) == set(order[:6]) and max(srv.hits.values()) == 1  # no overshoot, nothing fetched twice
 
 
+def _cat_from_urls(manifest: Path, tmp_path: Path, srv: ImageServer, names, target: int, **scrape_kw) -> None:
+    """Rewrite the manifest: one class `cat` (target), fed only by a URL list of these server files."""
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,label,license\n" + "".join(f"{srv.base}/{n},cat,cc0\n" for n in names))
+    data = yaml.safe_load(manifest.read_text())
+    data["sources"] = [{"type": "urls", "path": str(urls)}]
+    data["classes"] = [{"name": "cat", "target": target}]
+    data["scrape"] = {"allow_private_networks": True, **scrape_kw}
+    manifest.write_text(yaml.safe_dump(data))
+
+
 def test_run_stops_at_the_round_limit_and_says_so(folder_manifest, tmp_path):
     # Every URL is a copy of the first image: each round stores new bytes that dedup removes.
     base = support.textured(200)
@@ -252,13 +263,7 @@ def test_run_stops_at_the_round_limit_and_says_so(folder_manifest, tmp_path):
     bodies = {"c0.jpg": support.encode(base, "JPEG", quality=90), **{f"{k}.jpg": v for k, v in copies.items() if k != "png"}}
     srv = ImageServer(bodies)
     try:
-        urls = tmp_path / "urls.csv"
-        urls.write_text("url,label,license\n" + "".join(f"{srv.base}/{n},cat,cc0\n" for n in bodies))
-        data = yaml.safe_load(folder_manifest.read_text())
-        data["sources"] = [{"type": "urls", "path": str(urls)}]
-        data["classes"] = [{"name": "cat", "target": 2}]
-        data["scrape"] = {"allow_private_networks": True, "concurrency": 1}
-        folder_manifest.write_text(yaml.safe_dump(data))
+        _cat_from_urls(folder_manifest, tmp_path, srv, bodies, 2, concurrency=1)
         r = cli("run", "-m", str(folder_manifest), "-w", str(tmp_path / "ws"), *QUIET, "--rounds", "2")
     finally:
         srv.close()
@@ -273,13 +278,7 @@ def test_run_stops_when_a_round_adds_nothing(folder_manifest, tmp_path):
     bodies = {"c0.jpg": support.jpeg(300), "c1.jpg": support.jpeg(301), "x0.jpg": None, "x1.jpg": None}
     srv = ImageServer(bodies)
     try:
-        urls = tmp_path / "urls.csv"
-        urls.write_text("url,label,license\n" + "".join(f"{srv.base}/{n},cat,cc0\n" for n in bodies))
-        data = yaml.safe_load(folder_manifest.read_text())
-        data["sources"] = [{"type": "urls", "path": str(urls)}]
-        data["classes"] = [{"name": "cat", "target": 3}]
-        data["scrape"] = {"allow_private_networks": True, "concurrency": 1, "retries": 0, "backoff_s": 0}
-        folder_manifest.write_text(yaml.safe_dump(data))
+        _cat_from_urls(folder_manifest, tmp_path, srv, bodies, 3, concurrency=1, retries=0, backoff_s=0)
         r = cli("run", "-m", str(folder_manifest), "-w", str(tmp_path / "ws"), *QUIET, "--rounds", "3")
     finally:
         srv.close()
@@ -292,13 +291,7 @@ def test_run_stops_when_a_round_adds_nothing(folder_manifest, tmp_path):
 def test_run_does_not_top_up_a_class_its_first_scrape_found_exhausted(folder_manifest, tmp_path):
     srv = ImageServer({"c0.jpg": support.jpeg(400)})
     try:
-        urls = tmp_path / "urls.csv"
-        urls.write_text(f"url,label,license\n{srv.base}/c0.jpg,cat,cc0\n")
-        data = yaml.safe_load(folder_manifest.read_text())
-        data["sources"] = [{"type": "urls", "path": str(urls)}]
-        data["classes"] = [{"name": "cat", "target": 2}]
-        data["scrape"] = {"allow_private_networks": True}
-        folder_manifest.write_text(yaml.safe_dump(data))
+        _cat_from_urls(folder_manifest, tmp_path, srv, ["c0.jpg"], 2)
         r = cli("run", "-m", str(folder_manifest), "-w", str(tmp_path / "ws"), *QUIET)
     finally:
         srv.close()

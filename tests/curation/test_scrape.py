@@ -14,7 +14,7 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from html import escape
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -68,20 +68,7 @@ def _image_for(name: str) -> tuple[bytes, str]:
 
 
 def _handler(fx: Fixture):
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):  # keep test output clean
-            pass
-
-        def send(self, code: int, body: bytes, ctype: str = "application/octet-stream", headers=None):
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
+    class H(support.QuietHandler):
 
         def json(self, obj):
             self.send(200, json.dumps(obj).encode(), "application/json")
