@@ -204,6 +204,11 @@ class Validators:
             # that started it ends, and a lazily started one would belong to whichever thread came first.
             for f in [pool.submit(int) for _ in range(self.workers)]:
                 f.result()
+        except (BrokenProcessPool, OSError) as exc:
+            # A worker killed during start-up closes the pool's queues: an OSError, not always a
+            # BrokenProcessPool. Either way the pool is broken, not the run.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise BrokenProcessPool(f"validation pool failed to start: {exc}") from exc
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -236,7 +241,11 @@ class Validators:
             pool = None
             try:
                 pool = self._current()
-                return pool.submit(validate_and_store, *args).result()
+                try:
+                    future = pool.submit(validate_and_store, *args)
+                except OSError as exc:  # its queues closed under a dying worker
+                    raise BrokenProcessPool(str(exc)) from exc
+                return future.result()
             except BrokenProcessPool:
                 self._discard(pool)
         return None

@@ -626,10 +626,12 @@ def test_dead_validation_workers_are_recorded_failures_and_a_rerun_stores_the_im
     m = make_manifest([_url_list(tmp_path, fx, "oom", 6)], target=10, classes=("Stegosaurus",),
                       scrape_kw={"concurrency": 2, "per_host_concurrency": 2})
     stop = threading.Event()
+    # only processes this run starts: the session's own children (mongod, servers) must live on
+    others = set(_children(os.getpid()))
 
     def killer() -> None:  # the OOM killer, or a decoder segfault, on every validation worker
         while not stop.is_set():
-            for pid in _children(os.getpid()):
+            for pid in set(_children(os.getpid())) - others:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
