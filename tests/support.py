@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import zlib
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,17 @@ class QuietHandler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
+
+
+class LoopbackServer:
+    """``handler`` served on 127.0.0.1 (a free port) from a daemon thread until ``close()``."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.srv.daemon_threads = True
+        self.port: int = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()

@@ -10,9 +10,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import polars as pl
@@ -184,10 +182,7 @@ class ImageServer:
         self.hits: Counter = Counter()
         fx = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(support.QuietHandler):
             def do_GET(self):
                 name = self.path.rsplit("/", 1)[-1]
                 fx.hits[name] += 1
@@ -198,20 +193,13 @@ class ImageServer:
                 if body is None:
                     self.send_error(503)
                     return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send(200, body, "image/jpeg")
 
-        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.srv.daemon_threads = True
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.srv.server_address[1]}/img"
+        self.server = support.LoopbackServer(Handler)
+        self.base = f"http://127.0.0.1:{self.server.port}/img"
 
     def close(self):
-        self.srv.shutdown()
-        self.srv.server_close()
+        self.server.close()
 
 
 def test_run_tops_classes_up_after_dedup_and_reports_exhausted_ones(folder_manifest, tmp_path):

@@ -14,7 +14,6 @@ import time
 import zlib
 from collections import Counter, defaultdict
 from html import escape
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -226,14 +225,10 @@ def _gbif(fx: Fixture, q: dict) -> dict:
 @pytest.fixture(scope="module")
 def fx():
     f = Fixture()
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler(f))
-    srv.daemon_threads = True
-    f.port = srv.server_address[1]
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
+    srv = support.LoopbackServer(_handler(f))
+    f.port = srv.port
     yield f
-    srv.shutdown()
-    srv.server_close()
+    srv.close()
 
 
 FAST = {"timeout_s": 1.0, "retries": 1, "backoff_s": 0.05, "max_backoff_s": 3, "concurrency": 8,

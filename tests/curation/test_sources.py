@@ -11,7 +11,6 @@ import threading
 import time
 import zlib
 from collections import Counter, defaultdict
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -197,13 +196,10 @@ def _handler(svc: Service):
 @pytest.fixture(scope="module")
 def svc():
     s = Service()
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler(s))
-    srv.daemon_threads = True
-    s.port = srv.server_address[1]
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = support.LoopbackServer(_handler(s))
+    s.port = srv.port
     yield s
-    srv.shutdown()
-    srv.server_close()
+    srv.close()
 
 
 def dl() -> Downloader:

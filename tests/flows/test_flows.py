@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import polars as pl
@@ -73,14 +73,12 @@ class ImageServer:
                 except OSError:  # the client was killed while waiting
                     pass
 
-        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.srv.daemon_threads = True
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.srv.server_address[1]}"
+        self.server = support.LoopbackServer(Handler)
+        self.base = f"http://127.0.0.1:{self.server.port}"
 
     def close(self):
         self.gate.set()
-        self.srv.shutdown()
+        self.server.close()
 
 
 def _mongod(tmp: Path):
