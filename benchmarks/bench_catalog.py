@@ -3,16 +3,21 @@
 For catalogs of 10k, 1M (and 10M with --big) rows:
 1. commit cost of 50, 5,000 and 50,000 new rows: parquet read + add + atomic rewrite (what every
    commit did before) vs ``catalog.append``;
-2. commit cost of a stage updating 50, 5,000 and 50,000 existing rows (one column): parquet
-   rewrite vs ``catalog.merge``; and ``catalog.write`` (the compatibility path: diff a whole
-   frame) for 50 new rows;
+2. commit cost of a stage updating 50, 5,000 and 50,000 existing rows (one column, random ids):
+   parquet rewrite vs ``catalog.merge``, with the rows and bytes each merge rewrote (read from
+   the Delta log: the files its commit added), so proportionality shows: a merge of k rows
+   rewrites at most k leaves of at most ``catalog.LEAF_MAX_ROWS`` rows, the whole table once k
+   random rows hit every leaf; and ``catalog.write`` (the compatibility path: diff a whole frame)
+   for 50 new rows;
 3. a scrape-sized sequence at 1M rows: 200 commits of 50 new rows (scrape commits every 50 rows),
-   including the periodic compaction/checkpoint/vacuum every 100 versions; the parquet side is
+   including the periodic compaction/checkpoint/vacuum every 100 versions and the inbox's move
+   to the leaves, run first on the catalog as built; the parquet side is
    timed on 5 commits and multiplied (its cost per commit is flat: the whole file every time);
 4. peak memory (max RSS) of each case: every case runs in its own process.
 
     .venv/bin/python benchmarks/bench_catalog.py [--big] [--sizes 10000,1000000]
-    .venv/bin/python benchmarks/bench_catalog.py --sizes 10000000 --rows 50 --commits 1 --no-maintain  # 10M, reduced
+    .venv/bin/python benchmarks/bench_catalog.py --sizes 10000,10000000 --rows 50,5000 --commits 1 \
+        --no-maintain --sequence 0  # 10M, reduced (~15 min, ~6 GB; the 10k beside it for the goals)
 
 Rows look like the catalog's: sha256 ids, label, path, size, source URL, status, timestamps and
 two stage columns. Timings are wall-clock on a shared 2-core machine: one run each.
@@ -93,11 +98,14 @@ def case(kind: str, size: int, k: int, base: Path, commits: int) -> dict:
     pq = base / "pq" / "catalog.parquet"
     ws = catalog.Workspace(base / "delta")
     out = {"kind": kind, "size": size, "rows": k, "commits": commits}
+    rewritten = []
     if kind.endswith("merge") or kind.endswith("update"):
         ids = pl.read_parquet(pq, columns=["image_id"])["image_id"].sample(k, seed=k)
     times = []
     for c in range(-1, commits):  # the first (c = -1) warms up imports and caches, untimed
-        new = frame(k, size + 10_000_000 * (c + 2) + k)
+        # Fresh ids per case: a case must not re-send ids an earlier one already committed.
+        new = frame(k, size + 10_000_000 * (c + 2) + k + 1_000 * commits + (7 if kind == "delta-write" else 0))
+        v0 = catalog.version(ws)
         t = time.perf_counter()
         if kind == "parquet-append":
             parquet_commit(pq, new=new)
@@ -115,10 +123,19 @@ def case(kind: str, size: int, k: int, base: Path, commits: int) -> dict:
             catalog.maintain(ws)
         if c >= 0:
             times.append(time.perf_counter() - t)
+            if kind.startswith("delta"):  # every commit the call made (an append may also drain the inbox)
+                sts = [catalog.commit_stats(ws, v) for v in range(v0 + 1, catalog.version(ws) + 1)]
+                rewritten.append(tuple(sum(st[f] for st in sts) for f in ("rows_added", "bytes_added", "files_added")))
     out["mean_s"] = sum(times) / len(times)
     out["total_s"] = sum(times)
     out["max_s"] = max(times)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if rewritten:  # per commit, from the Delta log
+        out["rows_written"] = sum(r[0] for r in rewritten) / len(rewritten)
+        out["mb_written"] = sum(r[1] for r in rewritten) / len(rewritten) / 2**20
+        out["files_written"] = sum(r[2] for r in rewritten) / len(rewritten)
+    if kind.startswith("delta"):
+        out["leaves"] = catalog._leaves(catalog._open(ws)).height
     return out
 
 
@@ -128,9 +145,41 @@ def run_case(kind: str, size: int, k: int, base: Path, commits: int = 3) -> dict
     if r.returncode:
         raise SystemExit(f"error: case {kind} {size} {k} failed:\n{r.stderr[-3000:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
+    wrote = (f"  wrote {res['rows_written']:>10,.0f} rows {res['mb_written']:7.1f} MB {res['files_written']:6.0f} files"
+             if "rows_written" in res else "")
     print(f"{kind:15s} catalog {size:>10,d}  {k:>6,d} rows x{commits:<4d} mean {res['mean_s'] * 1000:9.1f} ms"
-          f"  max {res['max_s'] * 1000:9.1f} ms  peak RSS {res['peak_rss_mb']:7.0f} MB", flush=True)
+          f"  max {res['max_s'] * 1000:9.1f} ms  peak RSS {res['peak_rss_mb']:7.0f} MB{wrote}", flush=True)
     return res
+
+
+def goals(results: list[dict]) -> None:
+    """The issue's goals, cell by cell, from this run's figures."""
+    by = {(r["kind"], r["size"], r.get("rows")): r for r in results}
+    sizes = sorted({r["size"] for r in results})
+    print("== goals")
+    small = min(sizes)
+    for size in sizes:
+        for (kind, sz, k), r in sorted(by.items(), key=lambda x: (x[0][0], x[0][1], x[0][2] or 0)):
+            if sz != size:
+                continue
+            if kind == "delta-append" and size != small and (kind, small, k) in by and r["commits"] < 10:
+                ratio = r["mean_s"] / by[(kind, small, k)]["mean_s"]
+                print(f"append {k:>6,d} rows at {size:>10,d}: {ratio:4.1f}x the {small:,d}-row cost "
+                      f"({'ok' if ratio <= 2 else 'MISSES'} flat: within 2x)")
+            if kind == "delta-merge":
+                pq = by.get(("parquet-update", size, k))
+                per_row = r.get("rows_written", 0) / k
+                bound = k * catalog.LEAF_MAX_ROWS
+                prop = r.get("rows_written", 0) <= bound and r.get("rows_written", 0) < size
+                speed = f"{pq['mean_s'] / r['mean_s']:5.1f}x faster than the parquet rewrite" if pq else ""
+                print(f"merge  {k:>6,d} rows at {size:>10,d}: wrote {per_row:8.1f} rows per changed row; "
+                      f"{'proportional (<= k x LEAF_MAX_ROWS, < catalog)' if prop else 'MISSES proportional: rewrote the whole table'}"
+                      f"; {speed}")
+    for r in results:
+        if r["kind"] == "sequence":
+            x = r["parquet_s"] / r["delta_s"]
+            print(f"scrape sequence at {r['size']:,d}: {x:.1f}x ({'ok' if x >= 20 else 'MISSES'}: goal 20x)")
+    print(f"peak RSS: {max(r.get('peak_rss_mb', 0) for r in results):.0f} MB (largest case)")
 
 
 def main() -> None:
@@ -162,11 +211,8 @@ def main() -> None:
                 raise SystemExit(f"error: setup {size} failed:\n{setup_proc.stderr[-3000:]}")
             print(f"-- catalog of {size:,d} rows built in {time.perf_counter() - t:.1f} s "
                   f"(parquet {(base / 'pq' / 'catalog.parquet').stat().st_size / 2**20:.0f} MB)", flush=True)
-            for k in rows:
-                for kind in ("parquet-append", "delta-append", "parquet-update", "delta-merge"):
-                    results.append(run_case(kind, size, k, base, a.commits))
-            if size <= 1_000_000:  # reads and diffs the whole catalog: minutes and many GB at 10M
-                results.append(run_case("delta-write", size, 50, base, a.commits))
+            # The scrape's sequence first, on the catalog as built: the big appends below leave a
+            # file in every leaf, which the sequence's periodic compaction would then rewrite.
             if size == 1_000_000 and a.sequence:
                 seq_pq = run_case("parquet-append", size, 50, base, commits=5)
                 seq_dl = run_case("delta-append", size, 50, base, commits=a.sequence)
@@ -176,10 +222,16 @@ def main() -> None:
                       f"{pq_total / seq_dl['total_s']:.1f}x", flush=True)
                 results.append({"kind": "sequence", "size": size, "commits": a.sequence,
                                 "parquet_s": pq_total, "delta_s": seq_dl["total_s"]})
+            for k in rows:
+                for kind in ("parquet-append", "delta-append", "parquet-update", "delta-merge"):
+                    results.append(run_case(kind, size, k, base, a.commits))
+            if size <= 1_000_000:  # reads and diffs the whole catalog: minutes and many GB at 10M
+                results.append(run_case("delta-write", size, 50, base, a.commits))
             if not a.no_maintain:
                 results.append(run_case("delta-maintain", size, 0, base, 1))
         finally:
             shutil.rmtree(base, ignore_errors=True)
+    goals(results)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {a.json}")

@@ -2,7 +2,8 @@
 
 1. hashing throughput on the same 1,000 JPEGs (goal >= 3x imagededup);
 2. precision/recall on one planted-duplicate set at each tool's default threshold;
-3. all-pairs search time on 100k and 1M synthetic 64-bit hashes (goal: 1M under 60 s);
+3. all-pairs search time on 100k and 1M synthetic 64-bit hashes, then with the region family's
+   4n hashes as well (on by default; goal: 1M under 60 s with both);
 4. real photographs (benchmarks/realphotos.py, held-out split): precision/recall of the stage as
    a user runs it (ingest + dedup, pairs by dup_group) and imagededup side by side, per transform;
 5. time per 1,000 images of the added verification: the stage with its new signals on vs off;
@@ -204,6 +205,7 @@ def bench_search(sizes: list[int], thresholds: list[int]) -> None:
                 p = dedup.near_pairs(base, t)
                 el = min(el, time.perf_counter() - t0)
             print(f"    jurassiclass near_pairs n={n:>9,} t={t:2d}: {el:7.2f} s, {len(p):,} pairs")
+        bench_region_search(base, rng, thresholds[0])
         if n <= 100_000:
             idx = faiss.IndexBinaryFlat(64)
             idx.add(base.view(np.uint8).reshape(n, 8))
@@ -212,6 +214,27 @@ def bench_search(sizes: list[int], thresholds: list[int]) -> None:
             el = time.perf_counter() - t0
             npairs = (int(lims[-1]) - n) // 2
             print(f"    faiss IndexBinaryFlat range_search n={n:>9,} t={thresholds[0]:2d}: {el:7.2f} s, {npairs:,} pairs (reference)")
+
+
+def bench_region_search(base: np.ndarray, rng: np.random.Generator, t: int) -> None:
+    """The region family at the same scale (on by default): 3 more hashes an image (central 90%,
+    80%, mirrored; here random, 1% planted near copies like the whole hashes), one exact search
+    over all 4n within the family's radius; then the hash and region searches together."""
+    n = len(base)
+    sig = np.zeros((n, dedup._SIG), np.uint8)
+    sig[:, :256] = rng.integers(0, 256, size=(n, 256), dtype=np.uint8)
+    reg = rng.integers(0, 2**64 - 1, size=(n, 3), dtype=np.uint64, endpoint=True)
+    k = n // 100
+    reg[n - k:] = reg[:k] ^ (np.uint64(1) << rng.integers(0, 64, size=(k, 3)).astype(np.uint64))
+    sig[:, 257:257 + 24] = reg.astype(">u8").view(np.uint8).reshape(n, 24)
+    r = min(t, dedup._REGION_BITS)
+    t0 = time.perf_counter()
+    h = dedup.near_pairs(base, t)
+    t1 = time.perf_counter()
+    direct, mirrored = dedup.region_pairs(base, sig, r)
+    t2 = time.perf_counter()
+    print(f"    with the region family (4n = {4 * n:,} hashes, t={r}): hash search {t1 - t0:.2f} s + region search "
+          f"{t2 - t1:.2f} s = {t2 - t0:.2f} s (goal < 60 s at 1M); {len(h):,} + {len(direct) + len(mirrored):,} pairs")
 
 
 def bench_realphotos(split: str = "heldout") -> dict | None:
@@ -227,7 +250,7 @@ def bench_realphotos(split: str = "heldout") -> dict | None:
 def _signals_off() -> dict:
     """Settings that turn the added signals off (the stage as it was: hash + thumbnail guard)."""
     fields = DedupSettings.model_fields
-    off = {"layout": False, "embeddings": False, "strong_bits": DedupSettings().threshold}
+    off = {"regions": False, "layout": False, "embeddings": False, "strong_bits": DedupSettings().threshold}
     return {k: v for k, v in off.items() if k in fields}
 
 

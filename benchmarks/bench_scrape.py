@@ -7,8 +7,8 @@ A loopback HTTP server (its own process, so it does not share our GIL) serves N 
 640x480 JPEGs. img2dataset downloads them in its own interpreter (output_format=files,
 resize_mode=no, skip_reencode, sha256, processes_count=2, thread_count=T, 1,000 per shard so
 both processes stay busy); then `curation.scrape.run` fetches the same URL list (a `urls`
-source, concurrency T, per-host cap T) and decodes, validates, hashes and stores each image
-(in its validation worker processes) and commits its catalog rows. Prints images/s for each,
+source, concurrency T in total, per-host cap T) and decodes, validates, hashes and stores each
+image (in its fetch worker processes, one per CPU) and commits its catalog rows. Prints images/s for each,
 the ratios (ours / theirs: wall-clock, and against img2dataset's steady-state shard clock from
 its own per-shard stats) and each side's peak memory (PSS of the whole process tree).
 """

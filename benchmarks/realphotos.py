@@ -372,10 +372,18 @@ _WORDS = ["SALE", "Photo by", "www.example.org", "Holiday 2019", "(c) stock", "F
 
 
 def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.truetype(_FONT, size)
-    except OSError:
-        return ImageFont.load_default()
+    """DejaVu Sans Bold: the system's, else the copy matplotlib (a dependency) ships, so drawn
+    text has the same glyphs, hence the same keypoints, on every machine; else Pillow's font."""
+    import importlib.util
+
+    mpl = importlib.util.find_spec("matplotlib")
+    bundled = [str(Path(d) / "mpl-data/fonts/ttf/DejaVuSans-Bold.ttf") for d in (mpl.submodule_search_locations or [])] if mpl else []
+    for path in (_FONT, *bundled):
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size)
 
 
 def apply(kind: str, im: Image.Image, rng: random.Random) -> tuple[Image.Image, str]:
@@ -452,6 +460,33 @@ def apply(kind: str, im: Image.Image, rng: random.Random) -> tuple[Image.Image, 
         c.paste(im, (margin + edge, margin + bar))
         return c, f"title bar {bar}px, margin {margin}px"
     raise ValueError(f"unknown transform {kind}")
+
+
+def login_overlay(im: Image.Image) -> Image.Image:
+    """``im`` under a login screen (clock, date, three avatars, two fields, four buttons, a status
+    line), drawn in proportion to the picture: two different pictures under it share all their
+    keypoints and no content, like the login previews of two desktop themes (desktop-base's
+    sddm-preview.jpg), a trap for keypoint-only verification."""
+    im = im.convert("RGB").copy()
+    w, h = im.size
+    d = ImageDraw.Draw(im)
+    big, small = _font(max(12, h // 14)), _font(max(8, h // 45))
+    cx, r = w // 2, max(4, h // 26)
+    d.text((cx, h * 0.27), "00:27", fill="white", font=big, anchor="mm")
+    d.text((cx, h * 0.32), "mercredi 16 novembre 2016", fill="white", font=small, anchor="mm")
+    for k in (-1, 0, 1):
+        x = cx + k * int(2.4 * r)
+        d.ellipse((x - r, h * 0.43 - r, x + r, h * 0.43 + r), outline="white", width=max(1, r // 6),
+                  fill=(20, 20, 20) if k == 1 else (60, 60, 60))
+    for y in (0.53, 0.56):
+        d.rectangle((cx - w * 0.06, h * y, cx + w * 0.06, h * y + h * 0.022), fill=(235, 235, 235), outline=(120, 160, 220))
+    for k, word in enumerate(("Suspend", "Restart", "Shutdown", "Different")):
+        x = cx + int((k - 1.5) * w * 0.04)
+        d.ellipse((x - r // 2, h * 0.68 - r // 2, x + r // 2, h * 0.68 + r // 2), outline="white", width=2)
+        d.text((x, h * 0.71), word, fill="white", font=small, anchor="mm")
+    d.text((8, h - 12), "Desktop Session: Plasma", fill="white", font=small, anchor="lm")
+    d.text((w - 8, h - 12), "31%", fill="white", font=small, anchor="rm")
+    return im
 
 
 def _encode(im: Image.Image, quality: int) -> bytes:

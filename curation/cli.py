@@ -233,13 +233,15 @@ def show_catalog(
         typer.echo(f"wrote {export}")
 
 
-def do_score(m: Manifest, ws: Workspace, quiet: bool, device: str | None = None) -> str:
+def do_score(m: Manifest, ws: Workspace, quiet: bool, device: str | None = None, dask_address: str | None = None) -> str:
     from curation import clip_score
 
-    return clip_score.run(m, ws, show_progress=not quiet, device=device).line()
+    return clip_score.run(m, ws, show_progress=not quiet, device=device, dask_address=dask_address).line()
 
 
 DeviceOpt = typer.Option(None, help="override clip.device: cpu, cuda, cuda:N, mps")
+DaskOpt = typer.Option(None, "--dask-address", metavar="ADDRESS",
+                       help="run dedup hashing and CLIP encoding per catalog partition on Dask: 'local' or tcp://HOST:8786")
 
 
 @app.command()
@@ -362,10 +364,10 @@ def review_launch(
         fail(str(exc))
 
 
-def do_dedup(m: Manifest, ws: Workspace, quiet: bool) -> str:
+def do_dedup(m: Manifest, ws: Workspace, quiet: bool, dask_address: str | None = None) -> str:
     from curation import dedup
 
-    s = dedup.run(m, ws, show_progress=not quiet)
+    s = dedup.run(m, ws, show_progress=not quiet, dask_address=dask_address)
     failed = f", {s.hash_failed} unreadable" if s.hash_failed else ""
     return (
         f"dedup: {s.images} images ({s.hashed} hashed{failed}), {s.groups} duplicate groups, "
@@ -514,6 +516,7 @@ def run(
     skip: Optional[list[str]] = typer.Option(None, "--skip", metavar="STAGE", help="leave these stages out (repeatable)"),
     start: Optional[str] = typer.Option(None, "--from", metavar="STAGE", help="start at this stage"),
     device: Optional[str] = DeviceOpt,
+    dask_address: Optional[str] = DaskOpt,
     rounds: int = typer.Option(3, "--rounds", min=1, help="at most this many scrape -> dedup -> score rounds to reach the targets"),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -534,7 +537,7 @@ def run(
 
     call = {  # scrape returns its summary: the top-up loop reads which classes it found exhausted
         "ingest": lambda: do_ingest(m, ws, quiet), "scrape": lambda: scrape_summary(m, ws, quiet),
-        "dedup": lambda: do_dedup(m, ws, quiet), "score": lambda: do_score(m, ws, quiet, device),
+        "dedup": lambda: do_dedup(m, ws, quiet, dask_address), "score": lambda: do_score(m, ws, quiet, device, dask_address),
         "review-push": lambda: do_review_push(m, ws, quiet), "publish": lambda: do_publish(m, ws, quiet, soft=True),
     }
     lines: list[str] = []

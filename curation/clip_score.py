@@ -729,6 +729,17 @@ class EmbeddingCache:
         emb = frame["embedding"].to_numpy().astype(np.float32)
         return dict(zip(frame["image_id"].to_list(), emb))
 
+    def known(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` the cache holds, reading only its id column (cluster tasks ask per partition)."""
+        if not ids:
+            return set()
+        with self.table.locked(exclusive=False):
+            parts = self.table.parts()
+            if not parts:
+                return set()
+            found = pl.scan_parquet(parts).select("image_id").filter(pl.col("image_id").is_in(list(ids))).collect()
+        return set(found["image_id"].to_list())
+
     def append(self, ids: Sequence[str], emb: np.ndarray) -> None:
         if len(ids) == 0:
             return
@@ -833,6 +844,93 @@ def write_report(
     return out
 
 
+# ---------------------------------------------------------------- on a Dask cluster
+
+# One model per worker process, loaded by its first task: (settings that shape it, device) -> model.
+_WORKER_MODELS: dict[tuple, ClipModel] = {}
+
+
+def _worker_model(settings: ClipSettings) -> ClipModel:
+    key = (settings.model, settings.pretrained, str(settings.model_config_path), settings.device, settings.precision.value)
+    if key not in _WORKER_MODELS:
+        _WORKER_MODELS[key] = load_model(settings)
+    return _WORKER_MODELS[key]
+
+
+def encode_partition(root: str, settings: ClipSettings, labels: list[str], version: int, key: str) -> dict:
+    """Worker side of a cluster run: encode the rows of catalog partition ``key`` (at ``version``)
+    that the stage decides and the cache lacks, append them to the embedding cache, and return
+    {cache_key, device, encoded, errors: {image_id: message}, seconds} (cache_key None: nothing eligible)."""
+    import multiprocessing as mp
+
+    ws = Workspace(root)
+    part = catalog.ensure_columns(catalog.read_partition(ws, key, version), CLIP_COLUMNS)
+    todo = part.filter(_eligible(part, labels)).select("image_id", "path")
+    out: dict[str, Any] = {"cache_key": None, "device": None, "encoded": 0, "errors": {}, "seconds": 0.0}
+    if todo.is_empty():
+        return out
+    clip = _worker_model(settings)
+    out.update(cache_key=clip.cache_key, device=str(clip.device))
+    cache = EmbeddingCache(ws.stage_dir(STAGE) / "embeddings" / clip.cache_key)
+    todo = todo.filter(~pl.col("image_id").is_in(list(cache.known(todo["image_id"].to_list()))))
+    if todo.is_empty():
+        return out
+    ids = todo["image_id"].to_list()
+    t0 = time.perf_counter()
+    # Dask's nanny sets OMP_NUM_THREADS to the worker's share of the cores; a daemonic worker
+    # process (the default) may not start DataLoader processes.
+    threads = settings.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or None
+    workers = 0 if mp.current_process().daemon else settings.workers
+    emb, errs = encode_images(clip, [str(ws.abspath(p)) for p in todo["path"].to_list()], batch_size=settings.batch_size,
+                              workers=workers, threads=threads)
+    ok = [i for i, e in enumerate(errs) if not e]
+    cache.append([ids[i] for i in ok], emb[ok])
+    out.update(encoded=len(ok), errors={ids[i]: e for i, e in enumerate(errs) if e}, seconds=time.perf_counter() - t0)
+    return out
+
+
+def _probe_cache_key(settings: ClipSettings) -> tuple[str, str]:
+    clip = _worker_model(settings)
+    return clip.cache_key, str(clip.device)
+
+
+def _encode_on_cluster(manifest: Manifest, ws: Workspace, address: str, fallback_key: str,
+                       ids: Sequence[str]) -> tuple[str, str, int, dict, float]:
+    """Run `encode_partition` over the catalog partitions holding ``ids`` (the rows to decide):
+    (cache_key, device, encoded, errors, seconds).
+
+    Tasks ask for a GPU (`--resources GPU=1` workers) when the cluster has such workers and the
+    manifest does not pin the CPU; otherwise they run on any worker's CPU."""
+    from curation import cluster
+
+    s = manifest.clip
+    version = catalog.version(ws)
+    results: list[dict] = []
+    t0 = time.perf_counter()
+    with cluster.connect(address) as client:
+        gpu = cluster.gpu_workers(client) > 0 and not s.device.startswith(("cpu", "mps"))
+        resources = {cluster.GPU: 1} if gpu else None
+        if version is not None:
+            results = [r for _, r in cluster.map_partitions(
+                client, encode_partition, cluster.partitions_holding(ws, ids), str(ws.root), s, manifest.class_names, version,
+                resources=resources,
+            )]
+        used = {(r["cache_key"], r["device"]) for r in results if r["cache_key"]}
+        if not used and version is not None:
+            # Nothing eligible: scores of the population still come from the workers' cache.
+            used = {client.submit(_probe_cache_key, s, resources=resources, pure=False).result()}
+    keys = {k for k, _ in used}
+    if len(keys) > 1:
+        raise ClipSetupError(
+            f"the Dask workers encode with different devices or precisions ({', '.join(sorted(keys))}): one cache "
+            "would mix them; give GPU workers --resources GPU=1, or pin clip.device and clip.precision"
+        )
+    key, device = next(iter(used)) if used else (fallback_key, "")
+    errors = {i: e for r in results for i, e in r["errors"].items()}
+    # Wall time of the whole map (model loading on each worker included), for the summary's rate.
+    return key, f"{device} on dask", sum(r["encoded"] for r in results), errors, time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -858,8 +956,7 @@ def _mark_skipped(manifest: Manifest, ws: Workspace, reason: str, summary: Score
             pl.lit(SKIPPED).alias("clip_decision"),
             pl.lit(manifest.clip.model if not manifest.clip.pretrained else f"{manifest.clip.model}/{manifest.clip.pretrained}").alias("clip_model"),
         )
-        df = catalog.update(df, upd)
-        catalog.write(ws, df)
+        catalog.merge(ws, catalog.changes(df, upd), declare=CLIP_COLUMNS)
     summary.skipped = True
     summary.skip_reason = reason
     summary.eligible = todo.height
@@ -868,22 +965,29 @@ def _mark_skipped(manifest: Manifest, ws: Workspace, reason: str, summary: Score
     return summary
 
 
-def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, device: str | None = None) -> ScoreSummary:
+def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, device: str | None = None,
+        dask_address: str | None = None) -> ScoreSummary:
     """Score every candidate with the manifest's CLIP model and record scores and decisions.
+
+    ``dask_address`` ("local" or a scheduler address): images are encoded per catalog partition on
+    that Dask cluster (`encode_partition`); this process encodes only the prompts and decides.
 
     Raises WeightsUnavailable when the weights cannot be obtained (unless clip.skip_if_unavailable,
     which marks images skipped instead) and ClipSetupError for settings that cannot work.
     """
+    if dask_address and device:  # the override is for the workers that encode too
+        manifest = manifest.model_copy(update={"clip": manifest.clip.model_copy(update={"device": device})})
     try:
         clip = load_model(manifest.clip, device=device)
     except WeightsUnavailable as exc:
         if not manifest.clip.skip_if_unavailable:
             raise
         return _mark_skipped(manifest, ws, str(exc), ScoreSummary(model=manifest.clip.model))
-    return score_workspace(manifest, ws, clip, show_progress=show_progress)
+    return score_workspace(manifest, ws, clip, show_progress=show_progress, dask_address=dask_address)
 
 
-def score_workspace(manifest: Manifest, ws: Workspace, clip: ClipModel, *, show_progress: bool = True) -> ScoreSummary:
+def score_workspace(manifest: Manifest, ws: Workspace, clip: ClipModel, *, show_progress: bool = True,
+                    dask_address: str | None = None) -> ScoreSummary:
     """The stage with an already loaded model (flows and benchmarks load it once)."""
     s = manifest.clip
     labels = manifest.class_names
@@ -896,14 +1000,21 @@ def score_workspace(manifest: Manifest, ws: Workspace, clip: ClipModel, *, show_
     ids = todo["image_id"].to_list()
     pop = df.filter(_population(df, labels)).select("image_id", "label")
 
-    cache = EmbeddingCache(ws.stage_dir(STAGE) / "embeddings" / clip.cache_key)
+    cache_key = clip.cache_key
+    errors: dict[str, str] = {}
+    if dask_address:
+        # Workers fill the cache of THEIR device and precision; the scores read it from there.
+        cache_key, summary.device, summary.encoded, errors, summary.encode_seconds = _encode_on_cluster(
+            manifest, ws, dask_address, cache_key, ids
+        )
+    cache = EmbeddingCache(ws.stage_dir(STAGE) / "embeddings" / cache_key)
     # Images this stage no longer decides (accepted, reviewed) still count in the percentile population.
     id_set = set(ids)
     have = cache.load(ids + [i for i in pop["image_id"].to_list() if i not in id_set])
-    summary.cached = sum(i in have for i in ids)
-    missing = [i for i in ids if i not in have]
+    summary.cached = sum(i in have for i in ids) - summary.encoded
+    # On a cluster, rows committed after the workers' snapshot wait for the next run.
+    missing = [] if dask_address else [i for i in ids if i not in have]
     path_of = dict(zip(ids, todo["path"].to_list()))
-    errors: dict[str, str] = {}
     if missing:
         buffer: list[tuple[list[str], np.ndarray]] = []
 
@@ -929,6 +1040,8 @@ def score_workspace(manifest: Manifest, ws: Workspace, clip: ClipModel, *, show_
                 have[image_id] = emb[i]
         summary.encoded = len(missing) - len(errors)
         cache.compact()
+    elif dask_address:
+        cache.compact()
     summary.failed = len(errors)
 
     label_of = dict(zip(pop["image_id"].to_list(), pop["label"].to_list())) | dict(zip(ids, todo["label"].to_list()))
@@ -949,7 +1062,7 @@ def score_workspace(manifest: Manifest, ws: Workspace, clip: ClipModel, *, show_
         df = catalog.ensure_columns(catalog.read(ws), CLIP_COLUMNS)
         population = scores.filter(pl.col("image_id").is_in(df.filter(_population(df, labels))["image_id"].implode()))
         cuts_path = ws.stage_dir(STAGE) / CUTS_FILE
-        keys = {c: percentile_settings_key(manifest, c, clip.cache_key) for c in labels}
+        keys = {c: percentile_settings_key(manifest, c, cache_key) for c in labels}
         cuts, kept = percentile_cuts(population, s, keys, _load_cuts(cuts_path))
         atomic_write_bytes(cuts_path, json.dumps(kept, indent=2, sort_keys=True).encode())
         # Re-check eligibility on the fresh catalog: a reviewer may have decided meanwhile.
@@ -972,9 +1085,9 @@ def score_workspace(manifest: Manifest, ws: Workspace, clip: ClipModel, *, show_
             pl.lit(Status.rejected.value).alias("status"), pl.lit("unreadable").alias("reason"),
             *[pl.lit(None, CLIP_COLUMNS[c]).alias(c) for c in SCORE_COLUMNS],
         )
-        df = catalog.update(df, upd)
-        df = catalog.update(df, bad)
-        catalog.write(ws, df)
+        change = catalog.changes(df, upd, bad)
+        df = catalog.update(df, change)  # the report reads it
+        catalog.merge(ws, change, declare=CLIP_COLUMNS)
     summary.eligible = upd.height + bad.height
     counts: dict[str, int] = {}
     for d in [*decisions["clip_decision"].to_list(), *[ERROR] * bad.height]:

@@ -17,6 +17,7 @@ import random
 import socket
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -50,20 +51,52 @@ class Fetched:
         return self.reason in TRANSIENT
 
 
+class PauseBoard:
+    """Host pauses shared by the processes of one scrape (shared memory, made before they start): a
+    429 one process gets pauses the host for all of them. Hosts hash into a fixed number of slots;
+    a collision only pauses another host as well. Times are time.monotonic(), one clock machine-wide
+    on Linux."""
+
+    SLOTS = 4096
+
+    def __init__(self):
+        import multiprocessing as mp
+
+        # A spawn context's lock: it may go to forked and to spawned processes alike.
+        self.until = mp.get_context("spawn").Array("d", self.SLOTS)
+
+    def slot(self, host: str) -> int:
+        return zlib.crc32(host.encode()) % self.SLOTS
+
+    def pause_until(self, slot: int, t: float) -> None:
+        with self.until.get_lock():
+            self.until[slot] = max(self.until[slot], t)
+
+    def not_before(self, slot: int) -> float:
+        return self.until.get_obj()[slot]  # one aligned double: a read needs no lock
+
+
 class _Host:
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, board: PauseBoard | None = None, key: str = ""):
         self.slots = threading.BoundedSemaphore(limit)
         self.lock = threading.Lock()
         self.not_before = 0.0  # monotonic time before which no request may start
+        self.board = board
+        self.slot = board.slot(key) if board is not None else 0
 
     def pause(self, seconds: float) -> None:
         with self.lock:
             self.not_before = max(self.not_before, time.monotonic() + seconds)
+            if self.board is not None:
+                self.board.pause_until(self.slot, self.not_before)
 
     def wait(self, stop: threading.Event) -> None:
         while not stop.is_set():
             with self.lock:
-                delay = self.not_before - time.monotonic()
+                not_before = self.not_before
+            if self.board is not None:
+                not_before = max(not_before, self.board.not_before(self.slot))
+            delay = not_before - time.monotonic()
             if delay <= 0:
                 return
             stop.wait(min(delay, 1.0))
@@ -102,6 +135,7 @@ class Downloader:
         pool_size: int = 16,
         allow_private: bool = False,
         host_limits: dict[str, int] | None = None,
+        pause_board: PauseBoard | None = None,
     ):
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
@@ -120,14 +154,33 @@ class Downloader:
         self._stop = threading.Event()
         # host name -> concurrent requests, for hosts that publish a cap below per_host_concurrency
         self.host_limits = {h.lower(): max(1, int(n)) for h, n in (host_limits or {}).items()}
+        self.pause_board = pause_board  # pauses shared with other processes' downloaders
         self.api_calls: Counter = Counter()  # host name -> JSON API requests made (get_json), for budgets
 
     def stop(self) -> None:
         """Make in-flight and later fetches return "cancelled" at their next wait (Ctrl-C, shutdown)."""
         self._stop.set()
 
+    @property
+    def min_cap(self) -> int:
+        """The lowest per-host cap: how many processes may split every cap with at least one request each."""
+        return min([self.per_host_concurrency, *self.host_limits.values()])
+
+    def share(self, index: int, count: int) -> None:
+        """Keep process ``index`` of ``count`` (count <= min_cap) to its share of every per-host cap:
+        the shares of all ``count`` processes add up to the cap, never more."""
+        if not 0 <= index < count <= self.min_cap:
+            raise ValueError(f"share {index} of {count}: caps as low as {self.min_cap} cannot be split {count} ways")
+
+        def part(cap: int) -> int:
+            return cap // count + (1 if index < cap % count else 0)
+
+        self.per_host_concurrency = part(self.per_host_concurrency)
+        self.host_limits = {h: part(n) for h, n in self.host_limits.items()}
+
     @classmethod
-    def from_settings(cls, scrape, images, enforced: dict[str, int] | None = None) -> "Downloader":
+    def from_settings(cls, scrape, images, enforced: dict[str, int] | None = None,
+                      pause_board: PauseBoard | None = None) -> "Downloader":
         """From a manifest's ScrapeSettings and ImageSettings; ``enforced``: hosts' own caps, which the
         manifest may lower but not raise."""
         limits = dict(scrape.host_concurrency)
@@ -138,7 +191,7 @@ class Downloader:
             per_host_concurrency=scrape.per_host_concurrency, backoff_s=scrape.backoff_s,
             max_backoff_s=scrape.max_backoff_s, max_redirects=scrape.max_redirects,
             user_agent=scrape.user_agent, pool_size=max(scrape.concurrency, scrape.per_host_concurrency),
-            allow_private=scrape.allow_private_networks, host_limits=limits,
+            allow_private=scrape.allow_private_networks, host_limits=limits, pause_board=pause_board,
         )
 
     @property
@@ -159,7 +212,7 @@ class Downloader:
             h = self._hosts.get(netloc)
             if h is None:
                 limit = min(self.per_host_concurrency, self.host_limits.get(hostname.lower(), self.per_host_concurrency))
-                h = self._hosts[netloc] = _Host(limit)
+                h = self._hosts[netloc] = _Host(limit, self.pause_board, netloc)
             return h
 
     def _backoff(self, attempt: int) -> float:

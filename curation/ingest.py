@@ -156,9 +156,10 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> Ing
         return summary
     new = catalog.rows_frame(rows)
     with catalog.locked(ws):
-        df = catalog.read(ws)
-        df, summary.added = catalog.add(df, new)
-        catalog.write(ws, df)
+        # Only the rows it adds are committed (an append), not the catalog rewritten.
+        fresh = new.unique("image_id", keep="first", maintain_order=True)
+        fresh = fresh.filter(~fresh["image_id"].is_in(catalog.read(ws)["image_id"]))
+        summary.added = catalog.append(ws, fresh)
         # Sightings go after the catalog: a crash in between re-ingests (idempotently), never loses.
         catalog.record_sightings(ws, new)
     for r in rows:

@@ -427,7 +427,7 @@ def publish(m: Manifest, ws: Workspace, *, out: str | Path | None = None, dry_ru
         upd = rows.select("image_id", "split", "fold", pl.lit(version, dtype=pl.Int32).alias("published_version"),
                           pl.lit(None, dtype=pl.Utf8).alias("publish_note"))
         notes = dropped.select("image_id", pl.col("publish_reason").alias("publish_note"))
-        catalog.write(ws, catalog.update(catalog.update(cat, upd), notes))
+        catalog.merge(ws, catalog.changes(cat, upd, notes), declare=COLUMNS)
     _append_history(ws, {
         "version": version, "hash": digest, "folder": str(folder), "created_at": datetime.now(timezone.utc).isoformat(),
         "images": rows.height, "per_split": per_split, "left_out": left_out, "diff": summary.diff,

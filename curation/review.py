@@ -467,7 +467,7 @@ def _record_deletions(ds: "fo.Dataset", ws: Workspace) -> int:
             pl.when(had).then("pre_review_reason").otherwise("reason").alias("pre_review_reason"),
             pl.when(had).then("pre_review_label").otherwise("label").alias("pre_review_label"),
         )
-        catalog.write(ws, catalog.update(df, upd))
+        catalog.merge(ws, catalog.changes(df, upd), declare=REVIEW_COLUMNS)
     return upd.height
 
 
@@ -669,8 +669,8 @@ def pull(manifest: Manifest, ws: Workspace, *, calibrate_after: bool = True) -> 
         if rows:
             upd = pl.DataFrame(rows, schema={"image_id": pl.Utf8, "status": pl.Utf8, "reason": pl.Utf8, "label": pl.Utf8,
                                              **REVIEW_COLUMNS})
-            df = catalog.update(df, upd)
-            catalog.write(ws, df)
+            df = catalog.update(df, upd)  # mirrored and calibrated from below
+            catalog.merge(ws, catalog.changes(df, upd), declare=REVIEW_COLUMNS)
         s.changed = len(rows)
     decided = dec.filter(pl.col("decision").is_not_null())
     s.reviewed = decided.height

@@ -1,11 +1,16 @@
 """Manifest sources in, up to each class's target of stored images and catalog rows out, every row
 with its provenance (source, query, source_url, page_url, license, author, retrieved_at).
 
+Downloads, decoding, validation, hashing and the store write run in a few processes
+(`Fetchers`), each with its own threads and its share of every per-host cap; this process hands
+out candidate URLs, journals the outcomes and commits. Store files are written without a fsync
+each: the committer makes a batch durable at once (`_sync_stored`) before the catalog refers to it.
+
 Resumable by construction: each URL outcome is appended (and flushed) to a journal
-(stages/scrape/journal.jsonl) the moment its bytes are stored; catalog rows are written in
-batches by a committer thread, off the download path. Decoding, validation, hashing and the store
-write run in a small process pool (`Validators`: the GIL-bound part), so download threads only fetch. A re-run first adds the journal rows whose images the catalog lacks (judged by the
-catalog itself, not by the sightings), then skips every URL the journal has settled (stored,
+(stages/scrape/journal.jsonl) as soon as its bytes are stored; catalog rows are written in
+batches by a committer thread, off the download path. A re-run first adds the journal rows whose
+images the catalog lacks (judged by the catalog itself, not by the sightings; a file a power cut
+lost is fetched again instead), then skips every URL the journal has settled (stored,
 rejected, or failed for good; timeouts and 5xx are tried again), and counts the catalog's
 non-rejected images per class toward the target (folder-ingested ones too; images dedup or CLIP
 rejected no longer count, so a re-run tops the class up: `live_counts`, `shortfall`).
@@ -27,8 +32,7 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,11 +45,11 @@ from curation.catalog import Status, Workspace
 from curation.config import (
     ClassSpec, FolderSource, ImageSettings, LicensedApiSource, Manifest, SearchEngineSource, SourceKind, UrlListSource,
 )
-from curation.download import Downloader
+from curation.download import Downloader, PauseBoard
 from curation.ingest import build_row
 from curation.licenses import normalise_license, redistributable
 from curation.progress import track
-from curation.store import atomic_write_bytes
+from curation.store import atomic_write_bytes, deferred_sync
 from curation.workers import die_with_parent, worker_context
 
 log = logging.getLogger(__name__)
@@ -159,103 +163,274 @@ class Journal:
 
 
 def validate_and_store(root: str, raw: bytes, label: str, settings: ImageSettings, provenance: dict) -> dict:
-    """Decode, validate and store one download; its catalog row. The GIL-bound part of a scrape,
-    run in a worker process (top-level, so a pool can pickle it)."""
-    return build_row(Workspace(root), raw, label=label, settings=settings, provenance=provenance)
+    """Decode, validate and store one download; its catalog row.
+
+    The file is not fsynced here (one fsync per image was half a scrape's time): `_commit` makes
+    each batch durable at once before the catalog refers to it."""
+    with deferred_sync():
+        return build_row(Workspace(root), raw, label=label, settings=settings, provenance=provenance)
+
+
+def fetch_one(dl: Downloader, root: str, images: ImageSettings, c: dict) -> dict:
+    """One candidate fetched, validated and stored: its journal record (with the catalog row when
+    bytes came back)."""
+    res = dl.fetch(c["url"])
+    rec = {"url": c["url"], "label": c["label"], "source": c["source"], "query": c["query"]}
+    if not res.ok:
+        rec.update(outcome="failed", reason=res.reason, detail=res.detail, transient=res.transient)
+        return rec
+    code = normalise_license(c["license"])
+    prov = {"source": c["source"], "query": c["query"], "source_url": c["url"], "page_url": c["page_url"],
+            "license": code, "license_raw": c.get("license_raw", c["license"]), "author": c["author"],
+            "redistributable": redistributable(code)}
+    row = validate_and_store(root, res.data, c["label"], images, prov)
+    rec.update(outcome="image" if row["status"] == Status.candidate.value else "rejected",
+               reason=row.get("reason"), transient=False, row=row)
+    return rec
 
 
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _validator_init() -> None:
-    # Die with the scrape; leave Ctrl-C (sent to the whole process group) to it: it shuts the pool down.
+def _crashed(c: dict) -> dict:
+    return {"url": c["url"], "label": c["label"], "source": c["source"], "query": c["query"], "outcome": "failed",
+            "reason": "validator_crashed", "transient": True,
+            "detail": "the worker process died twice with this URL in hand (a decoder crash, or the OOM killer)"}
+
+
+def _fetch_worker(conn, index: int, count: int, threads: int, scrape_settings, images: ImageSettings, root: str,
+                  board: PauseBoard) -> None:
+    """A fetch process: `threads` threads that fetch, validate and store the candidates it is sent,
+    with its share of every per-host cap; each record goes back as soon as it is done."""
+    # Die with the scrape; leave Ctrl-C (sent to the whole process group) to it: it stops us.
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    dl = Downloader.from_settings(scrape_settings, images, enforced=sources.ENFORCED_HOST_LIMITS, pause_board=board)
+    dl.share(index, count)
+    tasks: queue.SimpleQueue = queue.SimpleQueue()
+    send = threading.Lock()
+
+    def loop() -> None:
+        while (item := tasks.get()) is not None:
+            tid, c = item
+            try:
+                out = (tid, fetch_one(dl, root, images, c), None)
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the scrape's error, raised there
+                out = (tid, None, RuntimeError(f"{type(exc).__name__}: {exc}"))
+            try:
+                with send:
+                    conn.send(out)
+            except OSError:
+                return  # the scrape is gone (this process dies with it)
+
+    pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            dl.stop()  # the scrape is gone
+            break
+        if msg is None:
+            break
+        if msg == "stop":
+            dl.stop()  # in-flight and queued fetches end as "cancelled" (tried again next run)
+            continue
+        tasks.put(msg)
+    for _ in pool:
+        tasks.put(None)
+    for t in pool:
+        t.join()
 
 
-class Validators:
-    """`validate_and_store` in a pool of `workers` processes (0: in the calling thread).
+class _Slot:
+    """One fetch process and what it has in hand: task id -> (candidate, tries)."""
 
-    Callers block on their result, so the bytes in flight stay bounded by the download threads.
-    A worker that dies (a decoder crash on hostile bytes, the OOM killer) breaks the whole pool:
-    a new one is started and each image that was in it is tried once more; breaking it twice is a
-    recorded failure ("validator_crashed", tried again next run), never the run's end.
+    def __init__(self, index: int):
+        self.index = index
+        self.proc = None
+        self.conn = None
+        self.inflight: dict[int, tuple[dict, int]] = {}
+        self.send = threading.Lock()
+
+
+class Fetchers:
+    """Fetch, validate and store in `count` processes (`_fetch_worker`), each with its own
+    downloader and threads, so neither downloads nor decoding share one GIL and image bytes never
+    cross a pipe; this process only hands out candidates and gets records back.
+
+    Every per-host cap is split across the processes (`Downloader.share`: in total never above
+    it, so there are at most as many processes as the lowest cap), and a host's pause (429,
+    Retry-After) is shared through a `PauseBoard`. ``on_result`` runs for each record as it arrives
+    (the journal), before its future completes. A process that dies (a decoder crash on hostile
+    bytes, the OOM killer) is replaced and each URL it held is tried once more; dying twice with a
+    URL is a recorded failure ("validator_crashed", tried again next run), never the run's end.
     """
 
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.lock = threading.Lock()
-        self.closed = False
-        self.pool: ProcessPoolExecutor | None = None
+    def __init__(self, count: int, threads: int, manifest: Manifest, root: str, on_result, ctx=None):
+        self.count, self.threads = count, threads
+        self.args = (manifest.scrape, manifest.images, root)
+        self.on_result = on_result
         # Forked (fast) now, while no download thread runs; `worker_context` picks spawn under an
-        # orchestrator that handles SIGTERM itself.
-        self.ctx = worker_context(workers)
-        if workers:
-            try:
-                self.pool = self._start()
-            except BrokenProcessPool:
-                self.pool = None  # the first image starts a new one
+        # orchestrator that handles SIGTERM itself. Replacements are spawned: threads run by then.
+        self.ctx = ctx or mp.get_context()
+        self.board = PauseBoard()
+        self.lock = threading.Lock()
+        self.futures: dict[int, Future] = {}
+        self.next_id = 0
+        self.closing = False
+        self.slots = [_Slot(i) for i in range(count)]
+        for s in self.slots:
+            self._restart(s)  # one that cannot start now is tried again by `submit`
+        self.ctx = mp.get_context("spawn")
+        self.collector = threading.Thread(target=self._collect, name="scrape-fetchers", daemon=True)
+        self.collector.start()
 
-    def _start(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(self.workers, mp_context=self.ctx, initializer=_validator_init)
+    def _start(self, slot: _Slot) -> None:
+        mine, theirs = self.ctx.Pipe()
+        st, images, root = self.args
+        proc = self.ctx.Process(target=_fetch_worker, daemon=True,
+                                args=(theirs, slot.index, self.count, self.threads, st, images, root, self.board))
+        proc.start()
+        theirs.close()
+        slot.proc, slot.conn = proc, mine
+
+    def _send(self, slot: _Slot, tid: int, c: dict, tries: int) -> None:
+        """Hand a candidate to a process (called with self.lock held)."""
+        slot.inflight[tid] = (c, tries)
         try:
-            # Start every worker now, from this thread: a worker's PDEATHSIG fires when the thread
-            # that started it ends, and a lazily started one would belong to whichever thread came first.
-            for f in [pool.submit(int) for _ in range(self.workers)]:
-                f.result()
-        except (BrokenProcessPool, OSError) as exc:
-            # A worker killed during start-up closes the pool's queues: an OSError, not always a
-            # BrokenProcessPool. Either way the pool is broken, not the run.
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise BrokenProcessPool(f"validation pool failed to start: {exc}") from exc
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        return pool
+            with slot.send:
+                slot.conn.send((tid, c))
+        except (OSError, ValueError):
+            pass  # it died: the collector sees its end and hands the URL on
 
-    def _current(self) -> ProcessPoolExecutor:
+    def _restart(self, slot: _Slot) -> bool:
+        """A new process in a dead slot (called with self.lock held); False if it cannot start."""
+        try:
+            self._start(slot)
+            return True
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for a new process: its URLs fail
+            log.warning("could not start a fetch worker: %s", exc)
+            return False
+
+    def submit(self, c: dict) -> Future:
+        f: Future = Future()
         with self.lock:
-            if self.closed:
-                raise RuntimeError("validation pool closed")  # the run is ending: this result is not awaited
-            if self.pool is None:
-                log.warning("a validation worker died; starting a new pool")
-                # Spawned, not forked: download threads are mid-request now, and a fork would copy
-                # the locks they hold into the child.
-                self.ctx = mp.get_context("spawn")
-                self.pool = self._start()
-            return self.pool
+            tid = self.next_id
+            self.next_id += 1
+            self.futures[tid] = f
+            live = [s for s in self.slots if s.conn is not None] or [s for s in self.slots[:1] if self._restart(s)]
+            if live:
+                self._send(min(live, key=lambda s: len(s.inflight)), tid, c, 1)
+        if not live:
+            self._resolve(tid, _crashed(c), None)
+        return f
 
-    def _discard(self, pool: ProcessPoolExecutor | None) -> None:
+    def _resolve(self, tid: int, rec: dict | None, exc: BaseException | None) -> None:
         with self.lock:
-            if pool is None or self.pool is not pool:
-                return  # a pool that failed to start, or one another thread already replaced
-            self.pool = None
-        pool.shutdown(wait=False, cancel_futures=True)
-
-    def __call__(self, *args) -> dict | None:
-        """The row, or None when the image was in a pool that broke, twice."""
-        if not self.workers:
-            return validate_and_store(*args)
-        for _ in range(2):
-            pool = None
+            f = self.futures.pop(tid, None)
+        if f is None:
+            return
+        if exc is None:
             try:
-                pool = self._current()
-                try:
-                    future = pool.submit(validate_and_store, *args)
-                except OSError as exc:  # its queues closed under a dying worker
-                    raise BrokenProcessPool(str(exc)) from exc
-                return future.result()
-            except BrokenProcessPool:
-                self._discard(pool)
-        return None
+                self.on_result(rec)
+            except BaseException as e:  # noqa: BLE001 - the journal failing is the run's error
+                exc = e
+        if not f.set_running_or_notify_cancel():
+            return  # the run stopped waiting for it (Ctrl-C, an error)
+        if exc is not None:
+            f.set_exception(exc)
+        else:
+            f.set_result(rec)
 
-    def close(self) -> None:
+    def _collect(self) -> None:
+        from multiprocessing.connection import wait
+
+        while True:
+            with self.lock:
+                if self.closing and not any(s.inflight for s in self.slots):
+                    return
+                live = {s.conn: s for s in self.slots if s.conn is not None}
+                ends = {s.proc.sentinel: s for s in self.slots if s.conn is not None}
+            for ready in wait([*live, *ends], timeout=0.2):
+                if ready in live:
+                    slot = live[ready]
+                    try:
+                        tid, rec, exc = ready.recv()
+                    except (EOFError, OSError):
+                        continue  # its end: seen through the sentinel
+                    with self.lock:
+                        slot.inflight.pop(tid, None)
+                    self._resolve(tid, rec, exc)
+                elif ready in ends:
+                    self._replace(ends[ready])
+
+    def _replace(self, slot: _Slot) -> None:
+        # Results it sent before dying are read first: only URLs it really lost are handed on.
+        while True:
+            try:
+                if not slot.conn.poll():
+                    break
+                tid, rec, exc = slot.conn.recv()
+            except (EOFError, OSError):
+                break
+            with self.lock:
+                slot.inflight.pop(tid, None)
+            self._resolve(tid, rec, exc)
+        slot.proc.join()
+        slot.conn.close()
         with self.lock:
-            self.closed = True
-            pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            slot.conn = None
+            lost, slot.inflight = slot.inflight, {}
+            if self.closing:
+                failed = list(lost.items())
+            else:
+                log.warning("a fetch worker died (exit code %s); starting a new one", slot.proc.exitcode)
+                again = self._restart(slot)
+                failed = [(tid, ct) for tid, ct in lost.items() if ct[1] >= 2 or not again]
+                for tid, (c, tries) in lost.items():
+                    if tries < 2 and again:
+                        self._send(slot, tid, c, tries + 1)
+        for tid, (c, _) in failed:
+            self._resolve(tid, _crashed(c), None)
+
+    def stop(self) -> None:
+        """Cancel what is in flight (Ctrl-C): fetches end as "cancelled" at their next wait."""
+        for s in self.slots:
+            if s.conn is None:
+                continue
+            try:
+                with s.send:
+                    s.conn.send("stop")
+            except (OSError, ValueError):
+                pass
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Let the processes finish what they hold, then end them. ``cancel`` (Ctrl-C, an error):
+        `stop` them first and wait at most a moment; what has not come back by then is fetched
+        again next run (nothing of it was journaled)."""
+        if cancel:
+            self.stop()
+        with self.lock:
+            self.closing = True
+        for s in self.slots:
+            if s.conn is None:
+                continue
+            try:
+                with s.send:
+                    s.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        self.collector.join(timeout=2.0 if cancel else None)
+        for s in self.slots:
+            if s.proc is None:
+                continue
+            s.proc.join(timeout=0.5 if cancel else 5)
+            if s.proc.is_alive():
+                s.proc.kill()
+                s.proc.join()
 
 
 class Committer:
@@ -325,6 +500,12 @@ def _revive(row: dict) -> dict:
     return row
 
 
+def _sync_stored(ws: Workspace, rows: list[dict]) -> None:
+    """Make the stored files of ``rows`` durable (written unsynced by `validate_and_store`): before
+    any catalog row or sighting refers to them, so a power cut never leaves a row without its file."""
+    ws.store.sync(ws.abspath(r["path"]) for r in rows if r.get("path"))
+
+
 def _commit(ws: Workspace, rows: list[dict], cataloged: set[str]) -> int:
     """Add rows to the catalog (image_ids not in ``cataloged``, which it then includes) and record
     every one as a sighting. An append, not a read-modify-write: its cost does not grow with the catalog."""
@@ -332,6 +513,7 @@ def _commit(ws: Workspace, rows: list[dict], cataloged: set[str]) -> int:
         return 0
     schema = {**catalog.SCHEMA, **COLUMNS}
     fresh = [r for r in rows if r["image_id"] not in cataloged]
+    _sync_stored(ws, rows)
     with catalog.locked(ws):
         added = catalog.append(ws, catalog.rows_frame(fresh, schema)) if fresh else 0
         # Sightings after the catalog: a crash in between is repaired from the journal next time.
@@ -340,13 +522,14 @@ def _commit(ws: Workspace, rows: list[dict], cataloged: set[str]) -> int:
     return added
 
 
-def _recover(ws: Workspace, records: list[dict]) -> tuple[int, set[str], pl.DataFrame]:
+def _recover(ws: Workspace, records: list[dict]) -> tuple[int, set[str], pl.DataFrame, set[str]]:
     """Repair the catalog and sightings from the journal, judged by what the catalog actually holds.
 
     A journal row whose image the catalog lacks is cataloged again, even when its sighting exists (the
     catalog's rename can be lost while the sightings' write survived); a missing sighting is recorded.
-    Returns (journal rows repaired, the URLs the sightings hold for images the catalog has: settled
-    even without a journal, the catalog as repaired).
+    Its file was never synced: one a power cut lost (or left torn) is not cataloged, and its URL is
+    fetched again. Returns (journal rows repaired, the URLs the sightings hold for images the catalog
+    has: settled even without a journal, the catalog as repaired, the journal's URLs whose file was lost).
     """
     rows = [r["row"] for r in records if r.get("row")]
     with catalog.locked(ws):
@@ -354,17 +537,31 @@ def _recover(ws: Workspace, records: list[dict]) -> tuple[int, set[str], pl.Data
         s = catalog.read_sightings(ws)
         ids = set(df["image_id"].to_list())
         seen = set(zip(s["source_url"].to_list(), s["image_id"].to_list(), s["label"].to_list()))
-        uncataloged = [_revive(r) for r in rows if r.get("image_id") not in ids]
-        unsighted = [_revive(r) for r in rows if (r.get("source_url"), r.get("image_id"), r.get("label")) not in seen]
+        uncataloged, lost = [], set()
+        checked: dict[str, bool] = {}
+        for r in rows:
+            if r.get("image_id") in ids:
+                continue
+            iid = r["image_id"]
+            if r.get("path") and iid not in checked:
+                checked[iid] = ws.store.intact(iid, ws.abspath(r["path"]))
+            if r.get("path") and not checked[iid]:
+                lost.add(r.get("source_url"))
+                continue
+            uncataloged.append(_revive(r))
+        unsighted = [_revive(r) for r in rows if (r.get("source_url"), r.get("image_id"), r.get("label")) not in seen
+                     and r.get("source_url") not in lost]
+        _sync_stored(ws, uncataloged)
         if uncataloged:
-            df, _ = catalog.add(df, catalog.rows_frame(uncataloged, {**catalog.SCHEMA, **COLUMNS}))
-            catalog.write(ws, df)
+            frame = catalog.rows_frame(uncataloged, {**catalog.SCHEMA, **COLUMNS})
+            catalog.append(ws, frame)  # ids the catalog lacks: an append, not a rewrite of it all
+            df, _ = catalog.add(df, frame)
         if unsighted:
             catalog.record_sightings(ws, catalog.rows_frame(unsighted, {**catalog.SCHEMA, **COLUMNS}))
         ids = set(df["image_id"].to_list())
     urls = set(s.filter(pl.col("image_id").is_in(list(ids)))["source_url"].drop_nulls().to_list())
     repaired = {(r.get("source_url"), r.get("image_id"), r.get("label")) for r in uncataloged + unsighted}
-    return len(repaired), urls, df
+    return len(repaired), urls, df, lost
 
 
 def effective_sources(m: Manifest) -> list:
@@ -447,8 +644,9 @@ def _candidates(m: Manifest, spec: ClassSpec, dl: Downloader, url_lists: dict[in
 def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, workers: int | None = None) -> ScrapeSummary:
     """Fill each class up to its target from the manifest's sources; see the module docstring.
 
-    ``workers``: processes that decode, validate and store downloads (default: one per CPU this
-    process may use; 0: in the download threads).
+    ``workers``: processes that download, decode, validate and store (default: one per CPU this
+    process may use; never more than the lowest per-host cap, which each gets a share of; 0: in
+    threads of this process).
     """
     t0 = time.monotonic()
     ws.ensure()
@@ -462,11 +660,11 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, worker
 
     journal_path = sdir / "journal.jsonl"
     records = Journal.read(journal_path)
-    recovered, sighted, df = _recover(ws, records)
+    recovered, sighted, df, lost = _recover(ws, records)
     summary = ScrapeSummary(recovered=recovered)
     settled: dict[str, dict] = {u: {"url": u} for u in sighted}
     for r in records:
-        if not r.get("transient"):
+        if not r.get("transient") and r["url"] not in lost:
             settled[r["url"]] = r
     del records
 
@@ -486,28 +684,27 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, worker
     pending: list[dict] = []
     last_commit = time.monotonic()
     journal = Journal(journal_path)
-    validators = Validators(_cpus() if workers is None else workers)
-    committer = Committer(ws, known_ids)
 
-    def work(c: dict) -> dict:
-        res = dl.fetch(c["url"])
-        rec = {"url": c["url"], "label": c["label"], "source": c["source"], "query": c["query"]}
-        if not res.ok:
-            rec.update(outcome="failed", reason=res.reason, detail=res.detail, transient=res.transient)
-        else:
-            code = normalise_license(c["license"])
-            prov = {"source": c["source"], "query": c["query"], "source_url": c["url"], "page_url": c["page_url"],
-                    "license": code, "license_raw": c.get("license_raw", c["license"]), "author": c["author"],
-                    "redistributable": redistributable(code)}
-            row = validators(str(ws.root), res.data, c["label"], manifest.images, prov)
-            if row is None:
-                rec.update(outcome="failed", reason="validator_crashed", transient=True,
-                           detail="the decoding worker died twice on this image (a decoder crash, or the OOM killer)")
-            else:
-                rec.update(outcome="image" if row["status"] == Status.candidate.value else "rejected",
-                           reason=row.get("reason"), transient=False, row=row)
-        journal.write(rec)  # right after the store write: a kill now loses no stored image
+    def finish(rec: dict) -> dict:
+        # As each record arrives: a kill loses at most the URLs in flight, fetched again next run
+        # (their files, if stored, are simply found again: the store is content-addressed).
+        journal.write(rec)
         return rec
+
+    # As many fetch processes as asked for (default: one per CPU), but no more than the lowest
+    # per-host cap: each process gets a share of every cap. None: fetch in this process's threads.
+    n_proc = min(_cpus() if workers is None else workers, dl.min_cap)
+    fetchers = None
+    if n_proc:
+        fetchers = Fetchers(n_proc, -(-st.concurrency // n_proc), manifest, str(ws.root), finish,
+                            ctx=worker_context(n_proc))
+    committer = Committer(ws, known_ids)
+    pool = ThreadPoolExecutor(max_workers=st.concurrency, thread_name_prefix="scrape")
+
+    def submit(c: dict) -> Future:
+        if fetchers is not None:
+            return fetchers.submit(c)
+        return pool.submit(lambda: finish(fetch_one(dl, str(ws.root), manifest.images, c)))
 
     def flush(force: bool = False) -> None:
         nonlocal pending, last_commit
@@ -547,7 +744,7 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, worker
         have[rec["label"]] += 1
         return True
 
-    def fill(spec: ClassSpec, need: int, pool: ThreadPoolExecutor) -> Iterator[None]:
+    def fill(spec: ClassSpec, need: int) -> Iterator[None]:
         """Yields once per new image; keeps at most `need - got` downloads in flight so it never overshoots."""
         it = _candidates(manifest, spec, dl, url_lists, excluded, summary.source_errors, summary.warnings)
         inflight: set[Future] = set()
@@ -573,7 +770,7 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, worker
                         _resight(prev, c)
                         continue
                     stats[(spec.name, c["source"])]["requested"] += 1
-                    f = pool.submit(work, c)
+                    f = submit(c)
                     inflight.add(f)
                     f.add_done_callback(finished.put)
                 if not inflight:
@@ -610,23 +807,26 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, worker
             pending.append({**_revive(row), "label": c["label"], "source": c["source"], "query": c["query"],
                             "retrieved_at": catalog.utcnow()})
 
-    pool = ThreadPoolExecutor(max_workers=st.concurrency, thread_name_prefix="scrape")
     try:
         for spec in manifest.classes:
             need = manifest.target_for(spec.name) - have[spec.name]
             if need <= 0:
                 continue
-            for _ in track(fill(spec, need, pool), total=need, description=f"scrape {spec.name}", show=show_progress):
+            for _ in track(fill(spec, need), total=need, description=f"scrape {spec.name}", show=show_progress):
                 pass
         pool.shutdown(wait=True)
     except BaseException:
         # Ctrl-C or a real error: stop at once; what finished is committed below, and
         # downloads cut short are simply fetched again next time.
         dl.stop()
+        if fetchers is not None:
+            fetchers.close(cancel=True)
+            fetchers = None
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     finally:
-        validators.close()
+        if fetchers is not None:
+            fetchers.close()
         journal.close()
         flush(force=True)
         committer.close()
@@ -672,4 +872,4 @@ def _fill_redistributable(ws: Workspace) -> None:
             "license_raw": todo["license_raw"].fill_null(todo["license"]),
             "redistributable": [redistributable(c) for c in codes],
         })
-        catalog.write(ws, catalog.update(df, upd))
+        catalog.merge(ws, upd)

@@ -8,11 +8,12 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 if TYPE_CHECKING:
     import polars as pl
@@ -22,15 +23,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename: readers never see a torn file."""
+def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write via a temp file in the same directory and rename: readers never see a torn file.
+
+    ``fsync=False``: the caller makes the file durable later (`sync_files`), before anything
+    durable refers to it; until then a power cut may lose it or leave it empty."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,6 +49,65 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_libc_syncfs = None
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2) (Linux): flush every dirty file and directory of the filesystem holding ``fd``, in
+    one call. False where it is unavailable or fails."""
+    global _libc_syncfs
+    if _libc_syncfs is None:
+        try:
+            import ctypes
+
+            _libc_syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+        except (OSError, AttributeError):
+            _libc_syncfs = False
+    return bool(_libc_syncfs) and _libc_syncfs(fd) == 0
+
+
+def sync_files(root: Path, paths: Iterable[Path]) -> None:
+    """Make ``paths`` (files under ``root``, written with ``fsync=False``) and their directory
+    entries durable: one syncfs of root's filesystem where the OS has it (far cheaper than a fsync
+    per file), else a fsync of each file, then of each directory holding them, then of ``root``."""
+    root = Path(root)
+    paths = list(paths)
+    if not paths or not root.exists():
+        return
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        if _syncfs(fd):
+            return
+    finally:
+        os.close(fd)
+    dirs = set()
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        except FileNotFoundError:
+            continue  # removed meanwhile: nothing left to make durable
+        dirs.add(p.parent)
+    for d in sorted(dirs):
+        fsync_dir(d)
+    fsync_dir(root)
+
+
+_deferred = threading.local()
+
+
+@contextmanager
+def deferred_sync() -> Iterator[None]:
+    """In this thread, `ImageStore.put` writes without fsync: a caller that stores many files and
+    calls `sync_files` once before committing any reference to them (a scrape's committer)."""
+    prev = getattr(_deferred, "on", False)
+    _deferred.on = True
+    try:
+        yield
+    finally:
+        _deferred.on = prev
 
 
 def pid_alive(pid: int) -> bool:
@@ -69,12 +133,30 @@ class ImageStore:
         return self.root / self.relpath(image_id, ext)
 
     def put(self, data: bytes, ext: str) -> tuple[str, Path]:
-        """Store bytes; returns (image_id, path). A second put of the same bytes writes nothing."""
+        """Store bytes; returns (image_id, path). A second put of the same bytes writes nothing.
+
+        Durable on return (fsync), except inside `deferred_sync`: then the caller syncs."""
         image_id = sha256_bytes(data)
         path = self.path(image_id, ext)
-        if not path.exists():
-            atomic_write_bytes(path, data)
+        try:
+            # A wrong size is an unsynced write a power cut left empty: written again.
+            intact = path.stat().st_size == len(data)
+        except FileNotFoundError:
+            intact = False
+        if not intact:
+            atomic_write_bytes(path, data, fsync=not getattr(_deferred, "on", False))
         return image_id, path
+
+    def sync(self, paths: Iterable[Path]) -> None:
+        """Make files written under `deferred_sync` durable; see `sync_files`."""
+        sync_files(self.root, paths)
+
+    def intact(self, image_id: str, path: Path) -> bool:
+        """Whether ``path`` holds the bytes ``image_id`` names (a power cut can lose an unsynced file)."""
+        try:
+            return sha256_bytes(path.read_bytes()) == image_id
+        except OSError:
+            return False
 
 
 class PartsTable:

@@ -24,12 +24,12 @@ from curation.config import FolderSource, Manifest
 from flows import artifacts
 from flows.common import brief, combine, open_run, plain
 from flows.failures import log_failure
-from flows.runners import task_runner_for
+from flows.runners import resolve_address, task_runner_for
 
 
 def _call(module: str, fn: str, **kwargs: Any) -> Callable:
-    def call(m: Manifest, ws) -> Any:
-        return getattr(importlib.import_module(f"curation.{module}"), fn)(m, ws, **kwargs)
+    def call(m: Manifest, ws, **extra: Any) -> Any:
+        return getattr(importlib.import_module(f"curation.{module}"), fn)(m, ws, **kwargs, **extra)
 
     call.__qualname__ = f"curation.{module}.{fn}"
     return call
@@ -42,6 +42,8 @@ class Stage:
     applies: Callable[[Manifest], bool] = lambda m: True
     network: bool = False  # retried: network errors are transient
     map_over: str | None = None  # "folder_sources": independent parts run as parallel tasks
+    # Takes `dask_address` itself: its heavy step runs per catalog partition on Dask (curation/cluster.py).
+    cluster: bool = False
 
 
 def _has_folder(m: Manifest) -> bool:
@@ -60,8 +62,9 @@ INGEST = Stage("ingest", _call("ingest", "run", show_progress=False), applies=_h
 SCRAPE = Stage("scrape", _call("scrape", "run", show_progress=False), applies=_has_web, network=True)
 # Global by nature: duplicates are found across classes; CLIP thresholds and the softmax over
 # classes need every image at once.
-DEDUP = Stage("dedup", _call("dedup", "run", show_progress=False))
-SCORE = Stage("score", _call("clip_score", "run", show_progress=False))
+# Their heavy steps (hashing, CLIP encoding) are partition-wise, so with `dask_address` they go to Dask.
+DEDUP = Stage("dedup", _call("dedup", "run", show_progress=False), cluster=True)
+SCORE = Stage("score", _call("clip_score", "run", show_progress=False), cluster=True)
 REVIEW_PUSH = Stage("review-push", _call("review", "push", show_progress=False), network=True)
 REVIEW_PULL = Stage("review-pull", _call("review", "pull"), network=True)
 REVIEW_STATUS = Stage("review-status", _call("review", "status"), network=True)
@@ -96,12 +99,13 @@ def restrict(m: Manifest, part: dict | None) -> Manifest:
 
 @task(cache_policy=NO_CACHE)
 def stage_task(stage: str, manifest: str, workdir: str | None = None, overrides: dict | None = None,
-               part: dict | None = None) -> dict | list:
+               part: dict | None = None, dask_address: str | None = None) -> dict | list:
     """Run one stage (or one part of it) and return its summary as plain data."""
     try:
         m, ws = open_run(manifest, workdir, overrides)
+        extra = {"dask_address": dask_address} if dask_address and BY_NAME[stage].cluster else {}
         with progress.listening(artifacts.Progress(stage if not part else f"{stage} {part}")):
-            summary = BY_NAME[stage].call(restrict(m, part), ws)
+            summary = BY_NAME[stage].call(restrict(m, part), ws, **extra)
     except Exception as exc:
         # The cause on the task's own page; the flow above it logs the traceback, once.
         log_failure(get_run_logger(), stage if not part else f"{stage} {part}", exc, traceback=False)
@@ -142,12 +146,13 @@ def _task_run_name() -> str:
     return f"{params.get('stage', 'stage')}[{label}]" if label else str(params.get("stage", "stage"))
 
 
-def run_stage(stage: str, manifest: str, workdir: str | None, overrides: dict | None) -> dict | list:
+def run_stage(stage: str, manifest: str, workdir: str | None, overrides: dict | None,
+              dask_address: str | None = None) -> dict | list:
     """Body of every stage flow: run the stage's task(s), publish its summary, return it."""
     from prefect.runtime import flow_run
 
     try:
-        return _run_stage(stage, manifest, workdir, overrides)
+        return _run_stage(stage, manifest, workdir, overrides, dask_address)
     except Exception as exc:
         # Run on its own (a deployment of one stage), this flow is the one users watch: the
         # traceback goes here. As a subflow, its parent logs it where `--watch` shows it.
@@ -155,13 +160,14 @@ def run_stage(stage: str, manifest: str, workdir: str | None, overrides: dict | 
         raise
 
 
-def _run_stage(stage: str, manifest: str, workdir: str | None, overrides: dict | None) -> dict | list:
+def _run_stage(stage: str, manifest: str, workdir: str | None, overrides: dict | None,
+               dask_address: str | None = None) -> dict | list:
     st = BY_NAME[stage]
     m, _ = open_run(manifest, workdir, overrides)
     t = _task_for(st)
     parts = parts_of(st, m)
     if parts is None:
-        summary = t(stage, manifest, workdir, overrides, None)
+        summary = t(stage, manifest, workdir, overrides, None, dask_address)
     else:
         futures = t.map(unmapped(stage), unmapped(manifest), unmapped(workdir), unmapped(overrides), parts)
         futures.wait()
@@ -194,15 +200,19 @@ def scrape_flow(manifest: str, workdir: str | None = None, overrides: dict | Non
 
 
 @flow(name="dedup", log_prints=True)
-def dedup_flow(manifest: str, workdir: str | None = None, overrides: dict | None = None) -> dict:
-    """Hash new images and mark near duplicates across all classes."""
-    return run_stage("dedup", manifest, workdir, overrides)
+def dedup_flow(manifest: str, workdir: str | None = None, overrides: dict | None = None,
+               dask_address: str | None = None) -> dict:
+    """Hash new images and mark near duplicates across all classes (hashing per catalog partition
+    on Dask with `dask_address`: "local" or a scheduler address)."""
+    return run_stage("dedup", manifest, workdir, overrides, dask_address)
 
 
 @flow(name="score", log_prints=True)
-def score_flow(manifest: str, workdir: str | None = None, overrides: dict | None = None) -> dict:
-    """CLIP relevance/realism scores and keep/reject decisions for every candidate."""
-    return run_stage("score", manifest, workdir, overrides)
+def score_flow(manifest: str, workdir: str | None = None, overrides: dict | None = None,
+               dask_address: str | None = None) -> dict:
+    """CLIP relevance/realism scores and keep/reject decisions for every candidate (images encoded
+    per catalog partition on Dask with `dask_address`, on its GPU workers when it has some)."""
+    return run_stage("score", manifest, workdir, overrides, dask_address)
 
 
 @flow(name="review-push", log_prints=True)
@@ -254,10 +264,14 @@ FLOWS: dict[str, Callable] = {
 
 def call_stage(stage: str, manifest: str, workdir: str | None, overrides: dict | None,
                dask_address: str | None = None) -> dict | list:
-    """Run a stage's flow as a subflow of the caller; a stage mapped over parts uses Dask when asked."""
+    """Run a stage's flow as a subflow of the caller: a stage mapped over parts runs its tasks on
+    Dask, a partition-wise stage (dedup, score) gets the address, when one is given or in $DASK_ADDRESS."""
     fn = FLOWS[stage]
+    dask_address = resolve_address(dask_address)
     mapped = dask_address and parts_of(BY_NAME[stage], open_run(manifest, workdir, overrides)[0]) is not None
     runner = task_runner_for(dask_address) if mapped else None
     if runner is not None:
         fn = fn.with_options(task_runner=runner)
+    if dask_address and BY_NAME[stage].cluster:
+        return fn(manifest=manifest, workdir=workdir, overrides=overrides, dask_address=dask_address)
     return fn(manifest=manifest, workdir=workdir, overrides=overrides)

@@ -59,6 +59,5 @@ def write_catalog(ws: Workspace, issues: pl.DataFrame) -> int:
         stale = df.filter(pl.col("label_issue").is_not_null() & ~pl.col("image_id").is_in(issues["image_id"].implode()))
         clear = stale.select("image_id").with_columns([pl.lit(None, dtype=t).alias(c) for c, t in COLUMNS.items()])
         known = issues.filter(pl.col("image_id").is_in(df["image_id"].implode()))
-        df = catalog.update(df, pl.concat([clear, known.select(clear.columns)]))
-        catalog.write(ws, df)
+        catalog.merge(ws, catalog.changes(df, pl.concat([clear, known.select(clear.columns)])), declare=COLUMNS)
     return matched

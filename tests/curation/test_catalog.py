@@ -329,3 +329,157 @@ def test_catalog_path_marks_each_commit(workspace):
     assert workspace.catalog_path.read_bytes() == first
     catalog.merge(workspace, pl.DataFrame({"image_id": ["x"], "status": ["accepted"]}))
     assert workspace.catalog_path.read_bytes() != first
+
+
+# ---------------------------------------------------------------- layout: leaves of bounded size
+
+
+def _hex_ids(n, seed=0):
+    import hashlib
+
+    # two buckets only, so that leaves fill and split with a few rows
+    return [("0a", "0b")[i % 2] + hashlib.sha256(f"{seed}-{i}".encode()).hexdigest()[2:] for i in range(n)]
+
+
+def _leaf_sizes(ws):
+    return dict(catalog._leaves(catalog._open(ws)).select(catalog._BUCKET, "rows").iter_rows())
+
+
+def test_merge_rewrites_only_the_leaves_holding_its_rows(workspace, monkeypatch):
+    monkeypatch.setattr(catalog, "LEAF_MAX_ROWS", 8)
+    ids = [f"{b}{i:062x}" for b in ("00", "01") for i in range(0, 400, 10)]  # 40 rows a bucket
+    catalog.write(workspace, catalog.rows_frame([row(i) for i in ids]))
+    sizes = _leaf_sizes(workspace)
+    assert len(sizes) >= 10 and max(sizes.values()) <= 8, sizes  # split at the first write
+    before = catalog.read(workspace)
+    upd = pl.DataFrame({"image_id": [ids[3], ids[4], ids[45]], "status": ["rejected", "accepted", "accepted"]})
+    assert catalog.merge(workspace, upd) == 3
+    stats = catalog.commit_stats(workspace)
+    holding = {catalog._leaf_of(pl.Series([i]), sorted(sizes))[0] for i in upd["image_id"]}
+    assert set(stats["leaves_removed"]) == holding and stats["files_removed"] == len(holding)
+    assert stats["rows_added"] == sum(sizes[k] for k in holding) <= 3 * 8
+    assert catalog.read(workspace).equals(catalog.update(before, upd))
+
+
+def test_reads_equal_the_expected_frame_through_appends_merges_and_maintenance(workspace, monkeypatch):
+    import random
+
+    monkeypatch.setattr(catalog, "LEAF_MAX_ROWS", 6)
+    monkeypatch.setattr(catalog, "INBOX_MAX_ROWS", 10)  # appends past 10 rows go to the leaves
+    rnd = random.Random(7)
+    ids = _hex_ids(150)
+    expected = catalog.read(workspace)
+    for step, (lo, hi) in enumerate(((0, 30), (30, 34), (34, 60), (60, 63), (63, 100), (100, 150))):
+        new = catalog.rows_frame([row(i, label=f"c{j % 3}") for j, i in enumerate(ids[lo:hi])])
+        catalog.append(workspace, new)
+        expected, _ = catalog.add(expected, new)
+        pick = rnd.sample(ids[:hi], 5)
+        upd = pl.DataFrame({"image_id": pick, "clip_score": [float(step + j) for j in range(5)]})
+        catalog.merge(workspace, upd)
+        expected = catalog.update(catalog.ensure_columns(expected, {"clip_score": pl.Float64}), upd)
+        got = catalog.read(workspace)
+        assert got.equals(expected.select(got.columns)), f"after step {step}"
+    monkeypatch.setattr(catalog, "SPLIT_BATCH_ROWS", 12)  # the inbox moves in commits of ~12 leaf rows
+    v = catalog.version(workspace)
+    assert catalog.maintain(workspace)["inbox_rows_moved"] > 0
+    assert catalog.version(workspace) >= v + 2
+    assert max(_leaf_sizes(workspace).values()) <= 6 and catalog.INBOX not in _leaf_sizes(workspace)
+    got = catalog.read(workspace)
+    assert got.equals(expected.select(got.columns))
+    # partition-wise reads cover every row exactly once, whatever leaves hold them
+    parts = pl.concat([catalog.read_partition(workspace, k) for k in catalog.partitions(workspace)])
+    assert parts.sort("image_id").equals(got.sort("image_id"))
+
+
+def test_first_layout_table_is_split_by_use_and_maintenance(workspace, monkeypatch):
+    """A table written by the first layout (one partition per two-character bucket, no leaves)
+    keeps reading the same; a merge splits only the bucket it touches, maintain the rest."""
+    ids = [f"{b}{i:062x}" for b in ("0a", "0b", "0c") for i in range(20)]
+    old = catalog._with_hidden(catalog.ensure_columns(catalog.rows_frame([row(i) for i in ids]), catalog.SCHEMA), 1)
+    assert set(old[catalog._BUCKET]) == {"0a", "0b", "0c"}
+    old.write_delta(str(workspace.table_path), delta_write_options={"partition_by": [catalog._BUCKET]})
+    before = catalog.read(workspace)
+    assert before["image_id"].to_list() == ids
+    monkeypatch.setattr(catalog, "LEAF_MAX_ROWS", 8)
+    upd = pl.DataFrame({"image_id": [ids[25]], "status": ["accepted"]})
+    catalog.merge(workspace, upd)
+    stats = catalog.commit_stats(workspace)
+    assert stats["leaves_removed"] == ["0b"] and stats["files_added"] >= 3
+    assert catalog.read(workspace).equals(catalog.update(before, upd))
+    monkeypatch.setattr(catalog, "SPLIT_BATCH_ROWS", 20)  # one leaf a commit: memory stays bounded
+    v = catalog.version(workspace)
+    assert catalog.maintain(workspace)["leaves_split"] == 2
+    assert catalog.version(workspace) == v + 2
+    assert max(_leaf_sizes(workspace).values()) <= 8 and len(_leaf_sizes(workspace)) >= 9
+    assert catalog.read(workspace).equals(catalog.update(before, upd))
+    catalog.merge(workspace, pl.DataFrame({"image_id": [ids[0]], "status": ["rejected"]}))
+    assert catalog.commit_stats(workspace)["rows_added"] <= 8
+
+
+# ---------------------------------------------------------------- sightings
+
+
+def test_sightings_are_an_append_only_delta_table(workspace):
+    assert catalog.read_sightings(workspace).columns == catalog.SIGHTING_COLUMNS
+    catalog.record_sightings(workspace, catalog.rows_frame([row("x", source="web", source_url="u1")]))
+    catalog.record_sightings(workspace, catalog.rows_frame([row("x", label="b", source_url="u2"), row("y")]))
+    got = catalog.read_sightings(workspace)
+    assert got.columns == catalog.SIGHTING_COLUMNS and got.schema["retrieved_at"] == pl.Datetime("us", "UTC")
+    assert got.select("image_id", "label", "source_url").rows() == [("x", "a", "u1"), ("x", "b", "u2"), ("y", "a", None)]
+    from deltalake import DeltaTable
+
+    assert DeltaTable(str(workspace.sightings_dir)).version() == 1  # one commit per record
+
+
+def test_sighting_parts_are_migrated_once_and_kept(workspace):
+    from curation.store import PartsTable
+
+    schema = {c: catalog.SCHEMA[c] for c in catalog.SIGHTING_COLUMNS}
+    parts = PartsTable(workspace.sightings_dir, schema)
+    for i, url in (("x", "u1"), ("y", "u2")):
+        parts.append(catalog.ensure_columns(catalog.rows_frame([row(i, source_url=url)]), schema).select(list(schema)))
+    catalog.record_sightings(workspace, catalog.rows_frame([row("z", source_url="u3")]))
+    assert catalog.read_sightings(workspace)["source_url"].to_list() == ["u1", "u2", "u3"]
+    kept = workspace.root / "sightings.parts.migrated"
+    assert len(list(kept.glob("part-*.parquet"))) == 2 and not catalog._old_parts(workspace.sightings_dir)
+    assert catalog.read_sightings(workspace).height == 3  # not converted twice
+    # a crash after the parts were moved aside but before their rows were committed
+    import shutil
+
+    shutil.rmtree(workspace.sightings_dir)
+    assert catalog.read_sightings(workspace)["source_url"].to_list() == ["u1", "u2"]
+
+
+def test_a_stage_commits_only_the_rows_and_columns_it_changed(workspace):
+    ids = [f"{b}{i:062x}" for b in ("0a", "0b") for i in range(3)]
+    catalog.write(workspace, catalog.rows_frame([row(i) for i in ids]))
+    declared = {"clip_score": pl.Float32, "clip_decision": pl.Utf8, "clip_model": pl.Utf8}
+    df = catalog.ensure_columns(catalog.read(workspace), declared)
+    upd = pl.DataFrame({"image_id": [ids[1]], "clip_score": [0.25]})  # a wider type than declared
+    bad = pl.DataFrame({"image_id": [ids[2]], "clip_decision": ["error"], "status": ["rejected"]})
+    change = catalog.changes(df, upd, bad)
+    assert change.columns == ["image_id", "clip_score", "clip_decision", "status"]
+    assert change.schema["clip_score"] == pl.Float32 and change.height == 2
+    assert change.filter(pl.col("image_id") == ids[1])["status"].to_list() == ["candidate"]  # kept, not nulled
+    catalog.merge(workspace, change, declare=declared)
+    assert catalog.commit_stats(workspace)["leaves_removed"] == ["0a"]
+    got = catalog.read(workspace)
+    assert {c: got.schema[c] for c in declared} == declared  # declared columns exist, typed, null elsewhere
+    assert got.equals(catalog.update(df, change).select(got.columns))
+
+
+def test_periodic_checkpoints_are_flushed(workspace, monkeypatch):
+    monkeypatch.setattr(catalog, "CHECKPOINT_EVERY", 2)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for i in ("x", "y", "z"):
+        catalog.append(workspace, catalog.rows_frame([row(i)]))
+    log = workspace.table_path / "_delta_log"
+    assert str(log / f"{2:020d}.checkpoint.parquet") in synced and str(log / "_last_checkpoint") in synced
+    assert catalog.read(workspace)["image_id"].to_list() == ["x", "y", "z"]

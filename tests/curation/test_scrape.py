@@ -36,6 +36,8 @@ class Fixture:
         self.lock = threading.Lock()
         self.delay = 0.0  # seconds added to every /img/ response (the kill test slows the host down)
         self.agents: dict[str, set] = defaultdict(set)  # path -> User-Agent headers seen
+        self.active = 0  # /img/ requests being answered now, and the most at once
+        self.peak = 0
         self.port = 0
 
     @property
@@ -99,9 +101,16 @@ def _handler(fx: Fixture):
                 if p == "/changed/occurrence/search":  # an API that changed shape
                     return self.json([{"unexpected": True}])
                 if p.startswith("/img/"):
-                    if fx.delay:
-                        time.sleep(fx.delay)
-                    body, ctype = _image_for(p[5:] + (f"?{u.query}" if u.query else ""))
+                    with fx.lock:
+                        fx.active += 1
+                        fx.peak = max(fx.peak, fx.active)
+                    try:
+                        if fx.delay:
+                            time.sleep(fx.delay)
+                        body, ctype = _image_for(p[5:] + (f"?{u.query}" if u.query else ""))
+                    finally:
+                        with fx.lock:
+                            fx.active -= 1
                     return self.send(200, body, ctype)
                 if p.startswith("/bad/"):
                     kind = p[5:].split("-")[0]
@@ -600,7 +609,7 @@ def test_recovery_trusts_the_catalog_not_the_sightings(fx, workspace, tmp_path):
     assert s2.requested == 5 and catalog.read(workspace).height == 5
 
 
-# ---------------------------------------------------------------- validation workers and the committer thread
+# ---------------------------------------------------------------- fetch workers and the committer thread
 
 
 def _children(pid: int) -> list[int]:
@@ -617,14 +626,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_dead_validation_workers_are_recorded_failures_and_a_rerun_stores_the_images(fx, workspace, tmp_path):
+def test_dead_fetch_workers_are_recorded_failures_and_a_rerun_stores_the_images(fx, workspace, tmp_path):
     m = make_manifest([_url_list(tmp_path, fx, "oom", 6)], target=10, classes=("Stegosaurus",),
                       scrape_kw={"concurrency": 2, "per_host_concurrency": 2})
     stop = threading.Event()
     # only processes this run starts: the session's own children (mongod, servers) must live on
     others = set(_children(os.getpid()))
 
-    def killer() -> None:  # the OOM killer, or a decoder segfault, on every validation worker
+    def killer() -> None:  # the OOM killer, or a decoder segfault, on every fetch worker
         while not stop.is_set():
             for pid in set(_children(os.getpid())) - others:
                 try:
@@ -635,9 +644,11 @@ def test_dead_validation_workers_are_recorded_failures_and_a_rerun_stores_the_im
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
+    fx.delay = 0.2  # each image takes longer than the killer's sweep: no worker finishes one
     try:
         s = scrape.run(m, workspace, show_progress=False, workers=2)
     finally:
+        fx.delay = 0.0
         stop.set()
         t.join()
     assert (s.requested, s.downloaded, s.failed) == (6, 0, 6)
@@ -665,3 +676,105 @@ def test_a_failed_catalog_commit_is_the_runs_error_and_the_journal_keeps_the_row
     journal = [json.loads(x) for x in (workspace.root / "stages" / "scrape" / "journal.jsonl").read_text().splitlines()]
     assert len(journal) == fetched and all(r["row"]["status"] == "candidate" for r in journal)
     assert catalog.read(workspace).height == 1  # nothing committed; the journal holds every row for recovery
+
+
+# ---------------------------------------------------------------- durability without a fsync per image
+
+
+def test_stored_files_are_synced_before_the_catalog_commit_that_refers_to_them(fx, workspace, tmp_path, monkeypatch):
+    """Validation writes files without fsync; each commit makes its batch durable first (syncfs on
+    Linux), so a power cut never leaves a catalog row whose file was lost."""
+    from curation import store
+
+    events: list[tuple[str, object]] = []
+    real_fsync, real_syncfs, real_append = os.fsync, store._syncfs, catalog.append
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def syncfs(fd):
+        events.append(("sync", None))
+        return real_syncfs(fd)
+
+    def append(ws, rows):
+        events.append(("append", sorted(rows["path"].drop_nulls().to_list())))
+        return real_append(ws, rows)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(store, "_syncfs", syncfs)
+    monkeypatch.setattr(catalog, "append", append)
+    m = make_manifest([_url_list(tmp_path, fx, "dur", 7)], target=7, classes=("Stegosaurus",),
+                      scrape_kw={"commit_every": 3})
+    s = scrape.run(m, workspace, show_progress=False, workers=0)  # in this process, where the calls are seen
+    assert s.downloaded == 7
+    store_root = str(workspace.store.root)
+    assert not [p for kind, p in events if kind == "fsync" and p.startswith(store_root)]  # no fsync per image
+    appends = [i for i, (kind, _) in enumerate(events) if kind == "append"]
+    assert appends and sum(len(events[i][1]) for i in appends) == 7
+    prev = -1
+    for i in appends:  # every batch: a sync after the previous commit, before this one
+        assert ("sync", None) in events[prev + 1:i], events
+        prev = i
+    assert all(workspace.store.intact(Path(p).stem, workspace.abspath(p)) for i in appends for p in events[i][1])
+
+
+def test_recovery_skips_journal_rows_whose_file_a_power_cut_lost_and_fetches_them_again(fx, workspace, tmp_path):
+    m = make_manifest([_url_list(tmp_path, fx, "lost", 5)], target=10, classes=("Stegosaurus",))
+    scrape.run(m, workspace, show_progress=False)
+    df = catalog.read(workspace).sort("source_url")
+    assert df.height == 5
+    # the power cut: the last commit never reached the disk, nor the unsynced files of two images
+    shutil.rmtree(workspace.table_path)
+    empty, gone = (workspace.abspath(p) for p in df["path"].head(2))
+    empty.write_bytes(b"")
+    gone.unlink()
+    hits = {k: v for k, v in fx.hits.items() if k.startswith("/img/lost-")}
+    s = scrape.run(m, workspace, show_progress=False)
+    assert s.recovered == 3 and s.requested == 2 and s.downloaded == 2
+    after = {k: v for k, v in fx.hits.items() if k.startswith("/img/lost-")}
+    assert sum(after.values()) - sum(hits.values()) == 2  # only the two lost images fetched again
+    df2 = catalog.read(workspace)
+    assert df2.height == 5 and all(workspace.store.intact(i, workspace.abspath(p)) for i, p in df2.select("image_id", "path").iter_rows())
+
+
+# ---------------------------------------------------------------- per-host limits across fetch processes
+
+
+def test_host_caps_are_split_across_fetch_processes_never_exceeded_in_total():
+    dls = [Downloader(per_host_concurrency=5, host_limits={"upload.wikimedia.org": 2}) for _ in range(2)]
+    for i, dl in enumerate(dls):
+        dl.share(i, 2)
+    assert sum(d.per_host_concurrency for d in dls) == 5 and [d.host_limits["upload.wikimedia.org"] for d in dls] == [1, 1]
+    with pytest.raises(ValueError, match="cannot be split 3 ways"):
+        Downloader(per_host_concurrency=5, host_limits={"upload.wikimedia.org": 2}).share(0, 3)
+
+
+def test_two_fetch_processes_keep_a_hosts_cap_in_total(fx, workspace, tmp_path):
+    m = make_manifest([_url_list(tmp_path, fx, "cap", 16)], target=16, classes=("Stegosaurus",),
+                      scrape_kw={"concurrency": 8, "host_concurrency": {"127.0.0.1": 3}})
+    fx.delay, fx.peak = 0.1, 0
+    try:
+        s = scrape.run(m, workspace, show_progress=False, workers=2)
+    finally:
+        fx.delay = 0.0
+    assert s.downloaded == 16
+    assert 2 <= fx.peak <= 3  # both processes fetched at once (shares 2 + 1), never above the cap
+
+
+def test_a_429_in_one_fetch_process_pauses_the_host_in_the_other(fx, workspace, tmp_path):
+    csv = tmp_path / "pace.csv"
+    csv.write_text("url,label\n" + f"{fx.base}/bad/429-pace,Stegosaurus\n"
+                   + "".join(f"{fx.img_url(f'pace-{i}.jpg')},Stegosaurus\n" for i in range(30)))
+    m = make_manifest([{"type": "urls", "path": str(csv)}], target=31, classes=("Stegosaurus",),
+                      scrape_kw={"concurrency": 4, "per_host_concurrency": 4})
+    fx.delay = 0.05
+    try:
+        s = scrape.run(m, workspace, show_progress=False, workers=2)
+    finally:
+        fx.delay = 0.0
+    assert s.downloaded == 31
+    t429 = fx.times["/bad/429-pace"][0]
+    started = [t for k, ts in fx.times.items() if k.startswith("/img/pace-") for t in ts]
+    # Retry-After: 1 paused the host for both processes (a request already on its way may land just after)
+    assert not [t for t in started if t429 + 0.2 < t < t429 + 0.9], sorted(t - t429 for t in started)
