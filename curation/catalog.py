@@ -151,7 +151,18 @@ BUCKET_CHARS = 2
 LEAF_MAX_ROWS = 2048  # a merge of one row rewrites at most this many (measured: ~1 MB, a few ms)
 SPLIT_BATCH_ROWS = 1_000_000  # maintenance splits leaves in commits of about this many rows
 INBOX = "in"
-INBOX_MAX_ROWS = 10_000  # a bigger append goes straight to the leaves: a merge rewrites the inbox it hits
+# The inbox is drained (its rows moved to their leaves) once it holds INBOX_MAX_ROWS rows; an append
+# of more goes straight to the leaves. A drain rewrites nearly every leaf, so it costs the table's
+# size whatever the inbox holds (measured at 1M rows: 5.0 s for 10k inbox rows, 4.8 s for 200k):
+# per appended row it costs table size / INBOX_MAX_ROWS. What a bigger inbox costs is constant in
+# the table's size: a merge that hits a row in it rewrites it (measured at 1M, 50 inbox rows:
+# 0.16 s with 10k rows in it, 0.35 s with 100k; 5,000: 0.4 s, 0.7 s) and read_partition filters it
+# (47 ms a call with 10k, 68 ms with 100k, ~150 ms with 200k). 100k amortises a drain over 10x the
+# rows of 10k (at 1M: ~2.5 ms per 50-row append instead of ~25; at 10M ~15 ms instead of ~150)
+# for ~0.2 s on merges that hit a full inbox. Draining by appending the rows to their leaves as new files instead (no
+# rewrite) measured 2.4 s for 100k rows at 1M (a file per leaf), and the next compaction then
+# rewrote every leaf: 17.8 s.
+INBOX_MAX_ROWS = 100_000
 _BUCKET, _SEQ = "_bucket", "_seq"
 _HIDDEN = (_BUCKET, _SEQ)
 # Every COMPACT_EVERY versions a commit also compacts small files, checkpoints the log and
@@ -592,6 +603,14 @@ def _rewrite(ws: Workspace, updates: pl.DataFrame, new: pl.DataFrame, *, note: s
         ids = pl.concat([updates["image_id"], new["image_id"]])
         touched = set(_leaf_of(ids, keys).to_list()) | set(extra) | (drain or set())
         existing = sorted(touched & set(keys))
+        if hits_inbox and not drain and existing:
+            # Rows of the update in the inbox: their future leaves stay as they are unless one holds
+            # an earlier copy of one (a raced-in append: that copy is the row). Found from the ids
+            # alone: a merge of freshly appended rows rewrites the inbox, not a leaf per row.
+            held = (pl.scan_delta(dt).filter(pl.col(_BUCKET).is_in(existing)).select(_BUCKET, "image_id")
+                    .filter(pl.col("image_id").is_in(updates["image_id"].implode())).collect())
+            needed = set(held[_BUCKET].to_list()) | set(_leaf_of(new["image_id"], keys).to_list()) | set(extra)
+            existing = [k for k in existing if k in needed]
         cur = _scan(dt, [*existing, *([INBOX] if hits_inbox else [])])
         cur = _first_rows(cur)  # drops raced-in copies
         matched = cur.filter(pl.col("image_id").is_in(updates["image_id"].implode())).height

@@ -194,10 +194,10 @@ def finish(ws: Workspace, headline: str) -> None:
     typer.echo(workspace_line(ws))
 
 
-def do_ingest(m: Manifest, ws: Workspace, quiet: bool) -> str:
+def do_ingest(m: Manifest, ws: Workspace, quiet: bool, dask_address: str | None = None) -> str:
     from curation import ingest
 
-    s = ingest.run(m, ws, show_progress=not quiet)
+    s = ingest.run(m, ws, show_progress=not quiet, dask_address=dask_address)
     rejected = sum(s.rejected.values())
     extra = f", {s.not_image_extension} non-image files skipped" if s.not_image_extension else ""
     return f"ingest: {s.seen} files seen, {s.added} added, {s.already_known} already known, {rejected} rejected{extra}"
@@ -205,10 +205,12 @@ def do_ingest(m: Manifest, ws: Workspace, quiet: bool) -> str:
 
 @app.command()
 def ingest(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt, quiet: bool = QuietOpt,
-           set_: Optional[list[str]] = SetOpt) -> None:
+           set_: Optional[list[str]] = SetOpt,
+           dask_address: Optional[str] = typer.Option(None, "--dask-address", metavar="ADDRESS",
+                                                      help="validate the files in chunks on Dask: 'local' or tcp://HOST:8786")) -> None:
     """Ingest the manifest's `folder` sources (ROOT/<class>/...) into the store and catalog."""
     m, ws = open_run(manifest, workdir, set_)
-    finish(ws, do_ingest(m, ws, quiet))
+    finish(ws, do_ingest(m, ws, quiet, dask_address))
 
 
 @app.command("catalog")
@@ -241,7 +243,7 @@ def do_score(m: Manifest, ws: Workspace, quiet: bool, device: str | None = None,
 
 DeviceOpt = typer.Option(None, help="override clip.device: cpu, cuda, cuda:N, mps")
 DaskOpt = typer.Option(None, "--dask-address", metavar="ADDRESS",
-                       help="run dedup hashing and CLIP encoding per catalog partition on Dask: 'local' or tcp://HOST:8786")
+                       help="run ingest's file validation, dedup hashing and CLIP encoding on Dask: 'local' or tcp://HOST:8786")
 
 
 @app.command()
@@ -536,7 +538,7 @@ def run(
     steps = [s for s in steps if applies.get(s, True)]
 
     call = {  # scrape returns its summary: the top-up loop reads which classes it found exhausted
-        "ingest": lambda: do_ingest(m, ws, quiet), "scrape": lambda: scrape_summary(m, ws, quiet),
+        "ingest": lambda: do_ingest(m, ws, quiet, dask_address), "scrape": lambda: scrape_summary(m, ws, quiet),
         "dedup": lambda: do_dedup(m, ws, quiet, dask_address), "score": lambda: do_score(m, ws, quiet, device, dask_address),
         "review-push": lambda: do_review_push(m, ws, quiet), "publish": lambda: do_publish(m, ws, quiet, soft=True),
     }

@@ -5,7 +5,8 @@ partition (`catalog.partitions`) when given ``dask_address``: "local" starts a `
 machine, "tcp://host:8786" joins an existing scheduler. Worker functions take plain picklable
 arguments (the workspace root, a partition key, the catalog version every task reads, settings) and
 read their rows from the table themselves (`catalog.read_partition`); they return small frames or
-dicts, and the driver commits catalog changes once. Workers must therefore see the workspace at the
+dicts, and the driver commits catalog changes once. Ingest, whose files are not in the catalog yet, maps
+over chunks of its file list instead (`map_chunks`). Workers must therefore see the workspace at the
 same path (a shared filesystem with POSIX locks: the stages' caches are written by workers) and have
 this project installed. GPU workers advertise ``--resources GPU=1``; tasks ask for it only when the
 cluster has such workers.
@@ -85,6 +86,32 @@ def partitions_holding(ws: Any, ids: Iterable[str]) -> list[str]:
     return [k for k in keys if k in prefixes]
 
 
+def worker_count(client: Any) -> int:
+    """Workers the scheduler knows now."""
+    try:
+        return len(client.scheduler_info(n_workers=-1)["workers"])
+    except TypeError:
+        return len(client.scheduler_info()["workers"])
+
+
+def _map(client: Any, fn: Callable, named: list[tuple[Any, Any]], args: tuple, resources: dict | None,
+         kwargs: dict) -> Iterator[tuple[Any, Any]]:
+    """``fn(*args, item, **kwargs)`` per (name, item), as (name, result) in completion order; see `map_partitions`."""
+    from distributed import as_completed
+
+    if not named:
+        return
+    # (name-run, item) keys: the dashboard groups tasks by function, one run's apart from another's.
+    group = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex}"
+    futures = {client.submit(fn, *args, item, key=(group, name), resources=resources, **kwargs): name
+               for name, item in named}
+    try:
+        for fut in as_completed(futures, loop=client.loop):
+            yield futures[fut], fut.result()
+    finally:
+        client.cancel(list(futures))
+
+
 def map_partitions(
     client: Any, fn: Callable, keys: Iterable[str], *args: Any, resources: dict | None = None, **kwargs: Any
 ) -> Iterator[tuple[str, Any]]:
@@ -94,16 +121,12 @@ def map_partitions(
     the worker function's to return as data, so one that escapes is a setup error (weights missing,
     workspace not shared), the same the in-process run would raise.
     """
-    from distributed import as_completed
+    yield from _map(client, fn, [(k, k) for k in keys], args, resources, kwargs)
 
-    keys = list(keys)
-    if not keys:
-        return
-    # (name-run, partition) keys: the dashboard groups tasks by function, one run's apart from another's.
-    group = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex}"
-    futures = {client.submit(fn, *args, k, key=(group, k), resources=resources, **kwargs): k for k in keys}
-    try:
-        for fut in as_completed(futures, loop=client.loop):
-            yield futures[fut], fut.result()
-    finally:
-        client.cancel(list(futures))
+
+def map_chunks(
+    client: Any, fn: Callable, chunks: Iterable[Any], *args: Any, resources: dict | None = None, **kwargs: Any
+) -> Iterator[tuple[int, Any]]:
+    """``fn(*args, chunk, **kwargs)`` for every chunk of work not tied to the catalog (ingest's files),
+    as (chunk index, result) in completion order; errors as in `map_partitions`."""
+    yield from _map(client, fn, list(enumerate(chunks)), args, resources, kwargs)

@@ -2,21 +2,26 @@
 
 Every file with an image extension gets a row: images in folders the manifest does not name,
 and loose files directly under ROOT, are stored and recorded as rejected with a reason, never
-skipped silently. Re-ingesting the same tree adds nothing.
+skipped silently. Re-ingesting the same tree adds nothing. Given a Dask address, the files are
+validated in chunks on that cluster and the rows committed here, as in-process.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Container
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from curation import catalog
+from curation import catalog, cluster
 from curation.catalog import Status, Workspace
 from curation.config import FolderSource, ImageSettings, Manifest
 from curation.images import Normalised, normalise
-from curation.progress import progress_map
+from curation.progress import progress_map, track
+
+# Files per Dask task: enough to amortise a task's overhead, few enough to spread over workers.
+CHUNK_FILES = 256
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".svg", ".heic", ".avif",
@@ -92,17 +97,15 @@ def build_row(
     return row
 
 
-def _ingest_source(
-    manifest: Manifest, ws: Workspace, src: FolderSource, known: set[tuple[str, str]], summary: IngestSummary, show: bool
-) -> list[dict]:
-    root = src.path
-    if not root.is_dir():
-        raise FileNotFoundError(f"folder source {root} does not exist or is not a directory")
+def _source_folders(manifest: Manifest) -> dict[str, str]:
     folders: dict[str, str] = {}
     for c in manifest.classes:
         folders[c.folder_name] = c.name
         folders.setdefault(c.folder_name.lower(), c.name)
+    return folders
 
+
+def _list_files(root: Path, summary: IngestSummary) -> list[Path]:
     files: list[Path] = []
     for p in sorted(root.rglob("*")):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
@@ -112,30 +115,91 @@ def _ingest_source(
             continue
         files.append(p)
     summary.seen += len(files)
+    return files
 
-    def work(p: Path) -> dict | None:
-        try:
-            raw = p.read_bytes()
-        except OSError as exc:
-            raw_id = hashlib.sha256(str(p).encode()).hexdigest()
-            return {
-                "image_id": raw_id, "label": None, "path": None, "status": Status.rejected.value,
-                "reason": "unreadable", "note": str(exc), "source": "folder", "source_url": p.as_uri(),
-                "retrieved_at": catalog.utcnow(),
-            }
-        url = p.resolve().as_uri()
-        raw_sha = hashlib.sha256(raw).hexdigest()
-        if (url, raw_sha) in known:
-            return None
-        label, reason = _label_for(p.relative_to(root), folders)
-        prov = {"source": "folder", "query": None, "source_url": url, "page_url": None,
-                "license": src.license, "author": src.author}
-        return build_row(
-            ws, raw, label=label, settings=manifest.images, provenance=prov, reject_reason=reason, raw_sha=raw_sha
-        )
 
+def validate_file(
+    ws: Workspace, p: Path, *, root: Path, folders: dict[str, str], settings: ImageSettings, src: FolderSource,
+    known: Container[tuple[str, str]],
+) -> dict | None:
+    """One file's catalog row (its image stored when it is one), or None when this exact file is known."""
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raw_id = hashlib.sha256(str(p).encode()).hexdigest()
+        return {
+            "image_id": raw_id, "label": None, "path": None, "status": Status.rejected.value,
+            "reason": "unreadable", "note": str(exc), "source": "folder", "source_url": p.as_uri(),
+            "retrieved_at": catalog.utcnow(),
+        }
+    url = p.resolve().as_uri()
+    raw_sha = hashlib.sha256(raw).hexdigest()
+    if (url, raw_sha) in known:
+        return None
+    label, reason = _label_for(p.relative_to(root), folders)
+    prov = {"source": "folder", "query": None, "source_url": url, "page_url": None,
+            "license": src.license, "author": src.author}
+    return build_row(ws, raw, label=label, settings=settings, provenance=prov, reject_reason=reason, raw_sha=raw_sha)
+
+
+def validate_chunk(
+    ws_root: str, root: str, folders: dict[str, str], settings: ImageSettings, src: FolderSource,
+    chunk: tuple[list[str], list[tuple[str, str]]],
+) -> list[dict | None]:
+    """`validate_file` for a chunk of (paths, the known (url, sha256) pairs of those paths), run on a
+    Dask worker: it reads the files from the shared filesystem and stores images into the workspace's
+    store itself (content-addressed, atomic renames: concurrent writers of the same bytes are safe),
+    and returns only the rows, in the chunk's order."""
+    paths, known = chunk
+    ws, base, seen = Workspace(ws_root), Path(root), set(map(tuple, known))
+    return [validate_file(ws, Path(p), root=base, folders=folders, settings=settings, src=src, known=seen)
+            for p in paths]
+
+
+def _chunks(files: list[Path], workers: int) -> list[list[Path]]:
+    """At most `CHUNK_FILES` files per task, and at least two tasks per worker when there are files enough."""
+    n = max(-(-len(files) // CHUNK_FILES), min(len(files), 2 * max(1, workers)))
+    size = -(-len(files) // n) if n else 1
+    return [files[i:i + size] for i in range(0, len(files), size)]
+
+
+def _validate_on_cluster(
+    client, ws: Workspace, files: list[Path], root: Path, folders: dict[str, str], settings: ImageSettings,
+    src: FolderSource, known: set[tuple[str, str]], show: bool,
+) -> list[dict | None]:
+    by_url: dict[str, list[str]] = {}
+    for url, sha in known:
+        by_url.setdefault(url, []).append(sha)
+    tasks = []
+    for chunk in _chunks(files, cluster.worker_count(client)):
+        urls = [p.resolve().as_uri() for p in chunk]
+        tasks.append(([str(p) for p in chunk], [(u, s) for u in urls for s in by_url.get(u, ())]))
+    done: dict[int, list[dict | None]] = {}
+    results = cluster.map_chunks(client, validate_chunk, tasks, str(ws.root), str(root), folders, settings, src)
+    for i, rows in track(results, total=len(tasks), description=f"ingest {root.name} (chunks on dask)", show=show):
+        done[i] = rows
+    # Back in file order: of two identical files the first one's row is kept, as in-process.
+    return [row for i in range(len(tasks)) for row in done[i]]
+
+
+def _ingest_source(
+    manifest: Manifest, ws: Workspace, src: FolderSource, known: set[tuple[str, str]], summary: IngestSummary, show: bool,
+    client=None,
+) -> list[dict]:
+    root = src.path
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder source {root} does not exist or is not a directory")
+    folders = _source_folders(manifest)
+    files = _list_files(root, summary)
+    if client is not None:
+        results = _validate_on_cluster(client, ws, files, root, folders, manifest.images, src, known, show)
+    else:
+        def work(p: Path) -> dict | None:
+            return validate_file(ws, p, root=root, folders=folders, settings=manifest.images, src=src, known=known)
+
+        results = progress_map(work, files, description=f"ingest {root.name}", show=show)
     rows = []
-    for row in progress_map(work, files, description=f"ingest {root.name}", show=show):
+    for row in results:
         if row is None:
             summary.already_known += 1
         else:
@@ -143,15 +207,23 @@ def _ingest_source(
     return rows
 
 
-def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True) -> IngestSummary:
-    """Ingest every `folder` source of the manifest into the workspace."""
+def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, dask_address: str | None = None) -> IngestSummary:
+    """Ingest every `folder` source of the manifest into the workspace.
+
+    ``dask_address`` ("local" or a scheduler address): the per-file validation (read, decode, size
+    checks, sha256, store) runs in chunks of files on that Dask cluster (curation/cluster.py);
+    the rows come back and are committed here, once, as in-process."""
     ws.ensure()
     summary = IngestSummary()
+    sources = manifest.sources_of(FolderSource)
+    if not sources:
+        return summary
     sightings = catalog.read_sightings(ws)
     known = set(zip(sightings["source_url"].to_list(), sightings["source_sha256"].to_list()))
     rows: list[dict] = []
-    for src in manifest.sources_of(FolderSource):
-        rows.extend(_ingest_source(manifest, ws, src, known, summary, show_progress))
+    with cluster.connect(dask_address) if dask_address else nullcontext() as client:
+        for src in sources:
+            rows.extend(_ingest_source(manifest, ws, src, known, summary, show_progress, client))
     if not rows:
         return summary
     new = catalog.rows_frame(rows)

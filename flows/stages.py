@@ -56,7 +56,10 @@ def _has_web(m: Manifest) -> bool:
     return has_web_sources(m)
 
 
-INGEST = Stage("ingest", _call("ingest", "run", show_progress=False), applies=_has_folder, map_over="folder_sources")
+# Several folder sources: one task per source (on Dask via the task runner). One source with an
+# address: its per-file validation runs in chunks of files on that cluster (cluster=True).
+INGEST = Stage("ingest", _call("ingest", "run", show_progress=False), applies=_has_folder, map_over="folder_sources",
+               cluster=True)
 # Not mapped per class: the stage already downloads concurrently (scrape.concurrency, per host),
 # and one journal + in-run URL memory per workspace is what makes its resume exact.
 SCRAPE = Stage("scrape", _call("scrape", "run", show_progress=False), applies=_has_web, network=True)
@@ -188,9 +191,11 @@ def _run_stage(stage: str, manifest: str, workdir: str | None, overrides: dict |
 
 
 @flow(name="ingest", log_prints=True)
-def ingest_flow(manifest: str, workdir: str | None = None, overrides: dict | None = None) -> dict:
-    """Ingest the manifest's `folder` sources (mapped per source when there are several)."""
-    return run_stage("ingest", manifest, workdir, overrides)
+def ingest_flow(manifest: str, workdir: str | None = None, overrides: dict | None = None,
+                dask_address: str | None = None) -> dict:
+    """Ingest the manifest's `folder` sources (mapped per source when there are several; one
+    source's files validated in chunks on Dask with `dask_address`)."""
+    return run_stage("ingest", manifest, workdir, overrides, dask_address)
 
 
 @flow(name="scrape", log_prints=True)

@@ -391,6 +391,36 @@ def test_reads_equal_the_expected_frame_through_appends_merges_and_maintenance(w
     assert parts.sort("image_id").equals(got.sort("image_id"))
 
 
+def test_inbox_drains_once_per_inbox_max_rows_and_merges_of_its_rows_leave_the_leaves(workspace, monkeypatch):
+    """Appends up to INBOX_MAX_ROWS go to the inbox and only a full inbox is drained (what amortises
+    a drain's whole-table rewrite); a merge of rows still in the inbox rewrites the inbox only, not
+    the leaves they will move to, unless a leaf holds an earlier copy of one (that copy is the row)."""
+    monkeypatch.setattr(catalog, "INBOX_MAX_ROWS", 12)
+    ids = _hex_ids(60)
+    catalog.write(workspace, catalog.rows_frame([row(i) for i in ids[:30]]))
+    leaves = _leaf_sizes(workspace)
+    v = catalog.version(workspace)
+    for lo in (30, 35):  # 10 rows: below the cap, no drain
+        catalog.append(workspace, catalog.rows_frame([row(i) for i in ids[lo:lo + 5]]))
+    assert catalog.version(workspace) == v + 2 and _leaf_sizes(workspace) == {**leaves, catalog.INBOX: 10}
+    # rows in the inbox whose leaves exist: only the inbox is rewritten
+    upd = pl.DataFrame({"image_id": [ids[30], ids[31]], "clip_score": [0.25, 0.5]})
+    assert catalog.merge(workspace, upd) == 2
+    assert {p.split("/")[0] for p in _remove_paths(workspace, catalog.version(workspace))} == {f"_bucket={catalog.INBOX}"}
+    assert _leaf_sizes(workspace) == {**leaves, catalog.INBOX: 10}
+    # an id in a leaf and raced into the inbox: the leaf's (first) row is the one updated
+    catalog.append(workspace, catalog.rows_frame([row(ids[0], label="raced")]))
+    catalog.merge(workspace, pl.DataFrame({"image_id": [ids[0]], "clip_score": [0.75]}))
+    got = catalog.read(workspace).filter(pl.col("image_id") == ids[0]).row(0, named=True)
+    assert (got["label"], got["clip_score"]) == ("a", 0.75)
+    # the append that fills the inbox drains it: every row moves to its leaf, none lost
+    catalog.append(workspace, catalog.rows_frame([row(i) for i in ids[40:45]]))
+    assert catalog.INBOX not in _leaf_sizes(workspace)
+    got = catalog.read(workspace)
+    assert got["image_id"].to_list() == ids[:40] + ids[40:45] and got.height == 45
+    assert got.filter(pl.col("image_id").is_in([ids[30], ids[31]]))["clip_score"].to_list() == [0.25, 0.5]
+
+
 def test_first_layout_table_is_split_by_use_and_maintenance(workspace, monkeypatch):
     """A table written by the first layout (one partition per two-character bucket, no leaves)
     keeps reading the same; a merge splits only the bucket it touches, maintain the rest."""

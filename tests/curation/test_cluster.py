@@ -3,6 +3,7 @@ the same catalog as the in-process run, per-image failures recorded the same way
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -231,7 +232,7 @@ def small_tree(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_cli_run_and_the_flows_stage_pass_the_address_to_dedup(tmp_path, dask_address, monkeypatch):
+def test_cli_run_and_the_flows_stage_pass_the_address_to_ingest_and_dedup(tmp_path, dask_address, monkeypatch):
     from typer.testing import CliRunner
 
     from curation.cli import app
@@ -241,12 +242,13 @@ def test_cli_run_and_the_flows_stage_pass_the_address_to_dedup(tmp_path, dask_ad
     root = small_tree(tmp_path)
     mpath = tmp_path / "m.yaml"
     mpath.write_text(f"name: t\nclasses: [{{name: cat}}]\nsources: [{{type: folder, path: {root}}}]\n")
-    before = ran_on_cluster(dask_address).get("hash_partition", 0)
+    before, before_ingest = (ran_on_cluster(dask_address).get(f, 0) for f in ("hash_partition", "validate_chunk"))
     r = CliRunner().invoke(app, ["run", "-m", str(mpath), "-w", str(tmp_path / "ws"), "-q", "--only", "ingest",
                                  "--only", "dedup", "--dask-address", dask_address])
     assert r.exit_code == 0, r.output
     assert "3 hashed" in r.output and "1 duplicate groups, 1 duplicates" in r.output
     assert ran_on_cluster(dask_address).get("hash_partition", 0) > before
+    assert "ingest: 3 files seen, 3 added" in r.output and ran_on_cluster(dask_address).get("validate_chunk", 0) > before_ingest
 
     # The flows' dedup stage hands the address to the curation function (re-hashing: another kind).
     m = manifest_for(root, hash="dhash")
@@ -261,3 +263,59 @@ def test_cli_run_and_the_flows_stage_pass_the_address_to_dedup(tmp_path, dask_ad
     assert resolve_address("none") is None
     monkeypatch.delenv("DASK_ADDRESS")
     assert resolve_address(None) is None
+
+
+def _stored(ws: Workspace) -> dict[str, bytes]:
+    return {str(p.relative_to(ws.root)): p.read_bytes() for p in sorted((ws.root / "store").rglob("*")) if p.is_file()}
+
+
+def test_ingest_validation_on_the_cluster_gives_the_in_process_catalog_and_store(tmp_path, dask_address):
+    """Chunks of files validated and stored by the workers; rows (never bytes) back; one commit here."""
+    root = tmp_path / "tree"
+    for s in range(6):
+        support.write(root / ("cat" if s % 2 else "dog") / f"good{s}.jpg", support.jpeg(s, (120, 90)))
+    support.write(root / "cat" / "good1.png", support.png(1, (120, 90)))
+    support.write(root / "dog" / "zz_copy_of_cat_good1.jpg", support.jpeg(1, (120, 90)))  # same bytes, other label
+    support.write(root / "dog" / "broken.jpg", support.truncated_jpeg())
+    support.write(root / "dog" / "broken_again.jpg", support.truncated_jpeg())
+    support.write(root / "cat" / "tiny.jpg", support.jpeg(9, (20, 16)))
+    support.write(root / "cat" / "page.jpg", support.HTML)
+    support.write(root / "cat" / "bomb.png", support.bomb_png())
+    support.write(root / "bird" / "x.jpg", support.jpeg(10, (120, 90)))  # class not in the manifest
+    support.write(root / "loose.jpg", support.jpeg(11, (120, 90)))
+    support.write(root / "cat" / "notes.txt", b"not an image")
+    m = manifest_for(root)
+    a, b = (Workspace(tmp_path / w).ensure() for w in ("inproc", "dask"))
+    before = ran_on_cluster(dask_address).get("validate_chunk", 0)
+
+    sa = ingest.run(m, a, show_progress=False)
+    sb = ingest.run(m, b, show_progress=False, dask_address=dask_address)
+    assert ran_on_cluster(dask_address).get("validate_chunk", 0) - before >= 4  # several chunks, on the workers
+    assert sb == sa
+    assert (sa.seen, sa.added, sa.not_image_extension) == (15, 13, 1)  # two duplicates
+    assert sa.rejected == {"class_not_in_manifest": 1, "decompression_bomb": 1, "not_an_image": 1, "too_small": 1,
+                           "truncated": 2, "no_class_folder": 1}  # both broken copies counted, as in-process
+
+    cols = ["image_id", "label", "status", "reason", "note", "path", "source", "source_url", "source_sha256", "license",
+            "width", "height", "format"]
+    ca, cb = (catalog.read(w).select(cols).sort("image_id") for w in (a, b))
+    assert cb.equals(ca)
+    twin = ca.filter(pl.col("source_url").str.contains("good1.jpg|zz_copy", literal=False))
+    assert twin.height == 1 and twin.row(0, named=True)["label"] == "cat"  # the first in file order is kept
+    assert _stored(b) == _stored(a) and len(_stored(a)) == 9
+    sight = ["image_id", "source_url", "source_sha256", "label"]
+    assert catalog.read_sightings(b).select(sight).sort(sight).equals(catalog.read_sightings(a).select(sight).sort(sight))
+
+    # A re-run on the cluster finds every file known and commits nothing.
+    tip = b.catalog_path.read_bytes()
+    again = ingest.run(m, b, show_progress=False, dask_address=dask_address)
+    assert (again.added, again.already_known) == (0, 15) and b.catalog_path.read_bytes() == tip
+
+
+def test_fiftyone_imports_in_a_process_that_used_dask_first():
+    # `run --dask-address` then `review push` in one process: Dask's importlib_metadata must not
+    # break FiftyOne's import (eta reads package metadata fields that importlib_metadata>=8 refuses).
+    code = "import distributed, curation.review as r; r._fo(); print('imported')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FIFTYONE_DATABASE_URI": ""})
+    assert out.returncode == 0 and "imported" in out.stdout, out.stderr[-2000:]
