@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import threading
 import zlib
@@ -161,3 +162,16 @@ class LoopbackServer:
     def close(self) -> None:
         self.srv.shutdown()
         self.srv.server_close()
+
+
+def record_fsyncs(monkeypatch) -> list[str]:
+    """Paths the real os.fsync is called on from now on, in order (it still runs)."""
+    seen: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen

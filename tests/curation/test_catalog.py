@@ -5,6 +5,7 @@ import pytest
 
 from curation import catalog
 from curation.catalog import Status
+from tests import support
 
 
 def row(i: str, **kw):
@@ -147,15 +148,8 @@ def test_writer_killed_mid_write_leaves_the_previous_version(workspace, tmp_path
 def test_commit_is_fsynced(workspace, monkeypatch):
     """delta-rs renames the log entry into place without syncing: without an fsync of the entry
     and its directory, a power cut can take back a commit the caller was told succeeded."""
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real_fsync(fd)
-
     catalog.write(workspace, catalog.rows_frame([row("x")]))
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced = support.record_fsyncs(monkeypatch)
     catalog.append(workspace, catalog.rows_frame([row("y")]))
     log = workspace.table_path / "_delta_log"
     assert str(log / f"{1:020d}.json") in synced and str(log) in synced
@@ -500,14 +494,7 @@ def test_a_stage_commits_only_the_rows_and_columns_it_changed(workspace):
 
 def test_periodic_checkpoints_are_flushed(workspace, monkeypatch):
     monkeypatch.setattr(catalog, "CHECKPOINT_EVERY", 2)
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced = support.record_fsyncs(monkeypatch)
     for i in ("x", "y", "z"):
         catalog.append(workspace, catalog.rows_frame([row(i)]))
     log = workspace.table_path / "_delta_log"

@@ -3,7 +3,6 @@ The image store: durable puts, deferred ones made durable by one sync before any
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from curation import store
 from curation.store import ImageStore, PartsTable, deferred_sync
+from tests import support
 
 SCHEMA = {"image_id": pl.Utf8, "v": pl.Int64}
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,21 +68,8 @@ def test_compaction_waits_for_an_append_in_progress(tmp_path):
 # ---------------------------------------------------------------- image store durability
 
 
-def _fsyncs(monkeypatch) -> list[str]:
-    """Paths the real os.fsync is called on, in order (it still runs)."""
-    seen: list[str] = []
-    real = os.fsync
-
-    def fsync(fd):
-        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return seen
-
-
 def test_put_fsyncs_unless_deferred_and_rewrites_a_file_a_power_cut_emptied(tmp_path, monkeypatch):
-    fsyncs = _fsyncs(monkeypatch)
+    fsyncs = support.record_fsyncs(monkeypatch)
     st = ImageStore(tmp_path / "store")
     _, a = st.put(b"a" * 100, "jpg")
     assert len(fsyncs) == 1 and fsyncs[0].startswith(str(a.parent / f".{a.name}."))  # its temp file, before the rename
@@ -101,7 +88,7 @@ def test_sync_files_without_syncfs_fsyncs_each_file_and_directory(tmp_path, monk
     with deferred_sync():
         paths = [st.put(bytes([i]) * 50, "png")[1] for i in range(3)]
     monkeypatch.setattr(store, "_syncfs", lambda fd: False)  # an OS without syncfs(2)
-    fsyncs = _fsyncs(monkeypatch)
+    fsyncs = support.record_fsyncs(monkeypatch)
     st.sync(paths)
     dirs = {str(p.parent) for p in paths}
     assert set(fsyncs) == {*map(str, paths), *dirs, str(st.root)}
@@ -113,7 +100,7 @@ def test_sync_files_uses_one_syncfs_on_linux(tmp_path, monkeypatch):
     calls = []
     real = store._syncfs
     monkeypatch.setattr(store, "_syncfs", lambda fd: calls.append(fd) or real(fd))
-    fsyncs = _fsyncs(monkeypatch)
+    fsyncs = support.record_fsyncs(monkeypatch)
     st = ImageStore(tmp_path / "store")
     with deferred_sync():
         paths = [st.put(bytes([i]) * 50, "png")[1] for i in range(3)]
