@@ -138,7 +138,7 @@ def case(kind: str, size: int, k: int, base: Path, commits: int) -> dict:
             if kind.startswith("delta"):  # every commit the call made (an append may also drain the inbox)
                 vs = range(v0 + 1, catalog.version(ws) + 1)
                 drained.append(any(a.get("commitInfo", {}).get("jurassiclass") == "drain inbox"
-                                   for v in vs for a in catalog._log_actions(ws, v)))
+                                   for v in vs for a in catalog._log_actions(ws.table_path, v)))
                 sts = [catalog.commit_stats(ws, v) for v in vs]
                 rewritten.append(tuple(sum(st[f] for st in sts) for f in ("rows_added", "bytes_added", "files_added")))
     out["mean_s"] = sum(times) / len(times)
@@ -165,7 +165,7 @@ def drain_case(ws: catalog.Workspace, out: dict) -> dict:
     cap = catalog.INBOX_MAX_ROWS
     start = 500_000_000
     catalog.INBOX_MAX_ROWS = 10**12
-    while (held := catalog._inbox_rows(catalog._open(ws))) < cap:
+    while (held := catalog._inbox_rows(catalog._leaves(catalog._open(ws)))) < cap:
         n = min(10_000, cap - held)
         catalog.append(ws, frame(n, start))
         start += n

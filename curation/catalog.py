@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import polars as pl
@@ -343,58 +343,64 @@ def _write_frame(ws: Workspace, df: pl.DataFrame, *, mode: str, predicate: str |
     a newer version makes it fail, and the caller start again); an append is retried when a
     writer outside our lock committed first. Returns the table after the commit."""
     from deltalake import CommitProperties
-    from deltalake.exceptions import CommitFailedError
 
     ws.ensure()
     opts = {"partition_by": [_BUCKET], "schema_mode": "merge", "commit_properties": CommitProperties(custom_metadata={"jurassiclass": note})}
     if predicate:
         opts["predicate"] = predicate
-    for attempt in range(retries):
-        try:
-            df.write_delta(dt if dt is not None else _table(ws), mode=mode, delta_write_options=opts)
-            break
-        except CommitFailedError:
-            if attempt == retries - 1:
-                raise
-            time.sleep(0.01 * 2**attempt)
+    _committed(lambda: df.write_delta(dt if dt is not None else _table(ws), mode=mode, delta_write_options=opts), retries)
     dt = dt if dt is not None else _open(ws)  # a table written through is at the new version
     v = dt.version()
-    _sync(ws, v)
+    _sync(ws.table_path, v)
     if maintenance and v and v % COMPACT_EVERY == 0:
         maintain(ws, drain=False)
         dt = _open(ws)
     elif v and v % CHECKPOINT_EVERY == 0:
-        _checkpoint(ws, dt)
+        _checkpoint(ws.table_path, dt)
     return dt
 
 
-def _checkpoint(ws: Workspace, dt) -> None:
+def _committed(write: Callable[[], None], retries: int = _RETRIES) -> None:
+    """``write()`` (one Delta commit), retried with backoff while a writer outside our lock commits first."""
+    from deltalake.exceptions import CommitFailedError
+
+    for attempt in range(retries):
+        try:
+            write()
+            return
+        except CommitFailedError:
+            if attempt == retries - 1:
+                raise
+            time.sleep(0.01 * 2**attempt)
+
+
+def _checkpoint(table: Path, dt) -> None:
     """Checkpoint the log at ``dt``'s version, flushed like a commit: readers start from the
     checkpoint ``_last_checkpoint`` names, so it must not name one a power cut could tear."""
     dt.create_checkpoint()
-    log = ws.table_path / "_delta_log"
+    log = table / "_delta_log"
     for f in (log / f"{dt.version():020d}.checkpoint.parquet", log / "_last_checkpoint"):
         if f.exists():
             _fsync_file(f)
     fsync_dir(log)
 
 
-def _log_actions(ws: Workspace, version: int) -> list[dict]:
-
-    log = ws.table_path / "_delta_log" / f"{version:020d}.json"
+def _log_actions(table: Path, version: int) -> list[dict]:
+    log = table / "_delta_log" / f"{version:020d}.json"
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def _sync(ws: Workspace, version: int) -> None:
-    """Flush the commit to disk: the data files it added, then its log entry and their directories,
-    so a power cut cannot take back a commit a caller was told succeeded."""
-    log = ws.table_path / "_delta_log" / f"{version:020d}.json"
-    added = [ws.table_path / urllib.parse.unquote(a["add"]["path"]) for a in _log_actions(ws, version) if "add" in a]
+def _sync(table: Path, version: int) -> None:
+    """Flush commit ``version`` of the Delta table at ``table`` to disk: the data files it added,
+    then its log entry and their directories, so a power cut cannot take back a commit a caller
+    was told succeeded."""
+    log = table / "_delta_log" / f"{version:020d}.json"
+    added = [table / urllib.parse.unquote(a["add"]["path"]) for a in _log_actions(table, version) if "add" in a]
     # In parallel: a commit adds a file per leaf it touches, and the filesystem batches
     # concurrent flushes into one journal commit (measured 2-4x faster than one by one).
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(_fsync_file, added + [log]))
-        list(pool.map(fsync_dir, sorted({f.parent for f in added} | {log.parent, ws.table_path})))
+        list(pool.map(fsync_dir, sorted({f.parent for f in added} | {log.parent, table})))
 
 
 def commit_stats(ws: Workspace, version: int | None = None) -> dict:
@@ -403,7 +409,7 @@ def commit_stats(ws: Workspace, version: int | None = None) -> dict:
 
     if version is None:
         version = _open(ws).version()
-    acts = _log_actions(ws, version)
+    acts = _log_actions(ws.table_path, version)
     adds = [a["add"] for a in acts if "add" in a]
     removes = [a["remove"] for a in acts if "remove" in a]
     return {
@@ -442,24 +448,31 @@ def maintain(ws: Workspace, *, retention_hours: int = RETENTION_HOURS, drain: bo
         for (_,), part in big.with_columns(batch).group_by("batch", maintain_order=True):
             _rewrite(ws, _no_updates(), _no_updates(), extra=part[_BUCKET].to_list(),
                      note=f"split {part.height} leaves", maintenance=False)
-        dt = _open(ws)
-        stats = dt.optimize.compact()
-        dt = _open(ws)
-        _checkpoint(ws, dt)
-        # full: also files no commit names (a writer killed mid-commit), once older than the retention.
-        removed = dt.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False, full=True)
-        dt.cleanup_metadata()
-        return {"inbox_rows_moved": moved, "leaves_split": big.height, "compacted_files": stats.get("numFilesRemoved", 0),
-                "vacuumed_files": len(removed)}
+        compacted, vacuumed = _tidy(ws.table_path, retention_hours)
+        return {"inbox_rows_moved": moved, "leaves_split": big.height, "compacted_files": compacted,
+                "vacuumed_files": vacuumed}
+
+
+def _tidy(table: Path, retention_hours: int) -> tuple[int, int]:
+    """Compact the Delta table at ``table``'s small files, checkpoint its log and delete files no
+    version younger than ``retention_hours`` reads: (files compacted, files vacuumed)."""
+    from deltalake import DeltaTable
+
+    stats = DeltaTable(str(table)).optimize.compact()
+    dt = DeltaTable(str(table))
+    _checkpoint(table, dt)
+    # full: also files no commit names (a writer killed mid-commit), once older than the retention.
+    removed = dt.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False, full=True)
+    dt.cleanup_metadata()
+    return stats.get("numFilesRemoved", 0), len(removed)
 
 
 def _no_updates() -> pl.DataFrame:
     return pl.DataFrame(schema={"image_id": pl.Utf8})
 
 
-def _inbox_rows(dt) -> int:
-    """Rows in the inbox, from the log's file statistics (no data read)."""
-    leaves = _leaves(dt)
+def _inbox_rows(leaves: pl.DataFrame) -> int:
+    """Rows in the inbox, from ``_leaves`` (the log's file statistics: no data read)."""
     return int(leaves.filter(pl.col(_BUCKET) == INBOX)["rows"].sum())
 
 
@@ -469,7 +482,7 @@ def _drain_inbox(ws: Workspace, *, at_least: int = 0) -> int:
     that memory stays bounded (the inbox's rows fall in nearly every leaf)."""
     dt = _open(ws)
     leaves = _leaves(dt)
-    n = int(leaves.filter(pl.col(_BUCKET) == INBOX)["rows"].sum())
+    n = _inbox_rows(leaves)
     if not n or n < at_least:
         return 0
     ids = pl.scan_delta(dt).filter(pl.col(_BUCKET) == INBOX).select("image_id").collect()["image_id"]
@@ -510,6 +523,13 @@ def read(ws: Workspace, version: int | None = None) -> pl.DataFrame:
             raise CatalogVersionError(f"no catalog in {ws.root}: version {version} does not exist")
         return empty()
     return ensure_columns(_visible(_scan_version(_open_version(ws, version), version)), SCHEMA)
+
+
+def ids(ws: Workspace) -> pl.Series:
+    """The catalog's image_ids, reading that column only."""
+    if not _prepare(ws):
+        return pl.Series("image_id", [], pl.Utf8)
+    return pl.scan_delta(_table(ws)).select("image_id").unique().collect()["image_id"]
 
 
 def partitions(ws: Workspace) -> list[str]:
@@ -559,7 +579,7 @@ def append(ws: Workspace, rows: pl.DataFrame) -> int:
         keys = None if inbox or dt is None else _leaf_keys(_leaves(dt))
         dt = _write_frame(ws, _with_hidden(frame, _next_seq(ws), inbox=inbox, keys=keys), mode="append",
                           note=f"append {rows.height}", dt=dt)
-        if inbox and _inbox_rows(dt) >= INBOX_MAX_ROWS:  # keep what a merge may have to rewrite small
+        if inbox and _inbox_rows(_leaves(dt)) >= INBOX_MAX_ROWS:  # keep what a merge may have to rewrite small
             _drain_inbox(ws)
     return rows.height
 
@@ -595,7 +615,7 @@ def _rewrite(ws: Workspace, updates: pl.DataFrame, new: pl.DataFrame, *, note: s
         dt = _open(ws)
         leaves = _leaves(dt)
         keys = _leaf_keys(leaves)
-        in_inbox = int(leaves.filter(pl.col(_BUCKET) == INBOX)["rows"].sum())
+        in_inbox = _inbox_rows(leaves)
         inbox_ids = (pl.scan_delta(dt).filter(pl.col(_BUCKET) == INBOX).select("image_id").collect()["image_id"]
                      if in_inbox and not drain and not updates.is_empty() else pl.Series("image_id", [], pl.Utf8))
         # Leave the inbox alone unless a row it holds changes: rewriting it costs what it holds.
@@ -812,38 +832,16 @@ def _prepare_sightings(ws: Workspace) -> bool:
 
 
 def _append_sightings(ws: Workspace, rows: pl.DataFrame, *, note: str) -> None:
-    from deltalake import CommitProperties
-    from deltalake.exceptions import CommitFailedError
+    from deltalake import CommitProperties, DeltaTable
 
     rows = _storable(rows, _sightings_schema()).with_columns(
         (pl.int_range(pl.len(), dtype=pl.Int64) + time.time_ns()).alias(_SEQ))
     opts = {"commit_properties": CommitProperties(custom_metadata={"jurassiclass": note})}
-    path = str(ws.sightings_dir)
-    for attempt in range(_RETRIES):
-        try:
-            rows.write_delta(path, mode="append", delta_write_options=opts)
-            break
-        except CommitFailedError:
-            if attempt == _RETRIES - 1:
-                raise
-            time.sleep(0.01 * 2**attempt)
-    from deltalake import DeltaTable
-
-    dt = DeltaTable(path)
-    v = dt.version()
-    log = ws.sightings_dir / "_delta_log" / f"{v:020d}.json"
-    added = [ws.sightings_dir / urllib.parse.unquote(a["add"]["path"])
-             for a in (json.loads(x) for x in log.read_text().splitlines() if x.strip()) if "add" in a]
-    for f in [*added, log]:
-        _fsync_file(f)
-    fsync_dir(log.parent)
-    fsync_dir(ws.sightings_dir)
+    _committed(lambda: rows.write_delta(str(ws.sightings_dir), mode="append", delta_write_options=opts))
+    v = DeltaTable(str(ws.sightings_dir)).version()
+    _sync(ws.sightings_dir, v)
     if v and v % COMPACT_EVERY == 0:
-        dt.optimize.compact()
-        dt = DeltaTable(path)
-        dt.create_checkpoint()
-        dt.vacuum(retention_hours=RETENTION_HOURS, dry_run=False, enforce_retention_duration=False)
-        dt.cleanup_metadata()
+        _tidy(ws.sightings_dir, RETENTION_HOURS)
 
 
 def record_sightings(ws: Workspace, rows: pl.DataFrame) -> None:

@@ -230,7 +230,7 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, dask_a
     with catalog.locked(ws):
         # Only the rows it adds are committed (an append), not the catalog rewritten.
         fresh = new.unique("image_id", keep="first", maintain_order=True)
-        fresh = fresh.filter(~fresh["image_id"].is_in(catalog.read(ws)["image_id"]))
+        fresh = fresh.filter(~fresh["image_id"].is_in(catalog.ids(ws).implode()))
         summary.added = catalog.append(ws, fresh)
         # Sightings go after the catalog: a crash in between re-ingests (idempotently), never loses.
         catalog.record_sightings(ws, new)
