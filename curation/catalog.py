@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from curation.errors import JurassiclassError
-from curation.store import ImageStore, PartsTable, atomic_write_bytes, fsync_dir
+from curation.store import ImageStore, PartsTable, atomic_write_bytes, fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from curation.config import Manifest
@@ -381,7 +381,7 @@ def _checkpoint(table: Path, dt) -> None:
     log = table / "_delta_log"
     for f in (log / f"{dt.version():020d}.checkpoint.parquet", log / "_last_checkpoint"):
         if f.exists():
-            _fsync_file(f)
+            fsync_file(f)
     fsync_dir(log)
 
 
@@ -399,7 +399,7 @@ def _sync(table: Path, version: int) -> None:
     # In parallel: a commit adds a file per leaf it touches, and the filesystem batches
     # concurrent flushes into one journal commit (measured 2-4x faster than one by one).
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(_fsync_file, added + [log]))
+        list(pool.map(fsync_file, added + [log]))
         list(pool.map(fsync_dir, sorted({f.parent for f in added} | {log.parent, table})))
 
 
@@ -420,14 +420,6 @@ def commit_stats(ws: Workspace, version: int | None = None) -> dict:
         "files_removed": len(removes),
         "leaves_removed": sorted({urllib.parse.unquote(r["path"]).split("/")[0].split("=", 1)[1] for r in removes}),
     }
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def maintain(ws: Workspace, *, retention_hours: int = RETENTION_HOURS, drain: bool = True) -> dict:

@@ -44,7 +44,16 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
 
 def fsync_dir(path: Path) -> None:
     """Flush a directory's entries: after a rename, a power cut must not bring the old name back."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    _fsync_path(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file written earlier (by this process or another) to disk."""
+    _fsync_path(path, os.O_RDONLY)
+
+
+def _fsync_path(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
@@ -85,8 +94,7 @@ def sync_files(root: Path, paths: Iterable[Path]) -> None:
     dirs = set()
     for p in paths:
         try:
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(p)
         except FileNotFoundError:
             continue  # removed meanwhile: nothing left to make durable
         dirs.add(p.parent)
