@@ -43,6 +43,7 @@ from curation.errors import JurassiclassError
 from curation import hub
 from curation.images import open_rgb
 from curation.store import PartsTable, atomic_write_bytes
+from curation.workers import usable_cores
 
 STAGE = "score"
 CLIP_COLUMNS: dict[str, pl.DataType] = {
@@ -353,16 +354,8 @@ class _ImageFiles:
             return torch.zeros(self.shape, dtype=torch.uint8 if self.as_uint8 else torch.float32), i, _first_line(exc)
 
 
-def _cores() -> int:
-    """Cores this process may use (the affinity mask, which containers narrow; cpu_count is the host's)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def default_workers(device_type: str) -> int:
-    cores = _cores()
+    cores = usable_cores()
     if device_type == "cuda":
         # Decoding is the bottleneck in front of a GPU: every core but the feeding one decodes.
         return max(1, min(32, cores - 1))
@@ -416,7 +409,7 @@ def encode_images(
     )
     prev_threads = torch.get_num_threads()
     if not on_cuda:
-        torch.set_num_threads(threads or _cores())
+        torch.set_num_threads(threads or usable_cores())
     pending: list[tuple[Any, Any]] = []
 
     def drain() -> None:

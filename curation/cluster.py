@@ -14,13 +14,13 @@ cluster has such workers.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from curation.errors import JurassiclassError
+from curation.workers import usable_cores
 
 LOCAL = "local"
 GPU = "GPU"
@@ -32,11 +32,7 @@ class ClusterError(JurassiclassError, RuntimeError):
 
 def local_workers() -> int:
     """Worker processes for a LocalCluster: one per core, at most four (each holds its own model)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return min(4, usable_cores())
 
 
 @contextmanager

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
 import queue
 import signal
 import threading
@@ -50,7 +49,7 @@ from curation.ingest import build_row
 from curation.licenses import normalise_license, redistributable
 from curation.progress import track
 from curation.store import atomic_write_bytes, deferred_sync
-from curation.workers import die_with_parent, worker_context
+from curation.workers import die_with_parent, usable_cores, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +186,6 @@ def fetch_one(dl: Downloader, root: str, images: ImageSettings, c: dict) -> dict
     rec.update(outcome="image" if row["status"] == Status.candidate.value else "rejected",
                reason=row.get("reason"), transient=False, row=row)
     return rec
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _crashed(c: dict) -> dict:
@@ -693,7 +688,7 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, worker
 
     # As many fetch processes as asked for (default: one per CPU), but no more than the lowest
     # per-host cap: each process gets a share of every cap. None: fetch in this process's threads.
-    n_proc = min(_cpus() if workers is None else workers, dl.min_cap)
+    n_proc = min(usable_cores() if workers is None else workers, dl.min_cap)
     fetchers = None
     if n_proc:
         fetchers = Fetchers(n_proc, -(-st.concurrency // n_proc), manifest, str(ws.root), finish,

@@ -7,6 +7,14 @@ import os
 import signal
 
 
+def usable_cores() -> int:
+    """Cores this process may use (the affinity mask, which containers narrow; cpu_count is the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def worker_context(workers: int):
     """How worker processes start: forked (fast) from a plain process; spawned when this process
     handles SIGTERM itself (an orchestrator's flow-run process, e.g. Prefect's). Forked workers

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from curation.config import Balance, TrainSettings
 from curation.errors import JurassiclassError
-from curation.workers import die_with_parent, worker_context  # shared with dedup's hashing pool
+from curation.workers import die_with_parent, usable_cores, worker_context  # shared with dedup's hashing pool
 
 LETTERBOX_FILL = 0.8  # the seed's long side / canvas side
 
@@ -266,7 +265,7 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 def default_workers(accelerator_is_cuda: bool) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     # On CPU the model step wants the cores: one decoder process overlaps decoding with compute.
     return min(8, cores) if accelerator_is_cuda else min(1, cores - 1)
 
