@@ -65,18 +65,21 @@ signatures/ (the guard signatures, a cache keyed by image_id).
 
 Measured (2026-12) on the real-photo benchmark's TUNE split (`benchmarks/realphotos.py eval --split
 tune`: 864 wallpapers and photos from Debian packages, 1280 px, 17 kinds of copies; thresholds
-tuned there only): pairwise precision 1.000, recall 0.934 (before the content check, centre, flat
+tuned there only): pairwise precision 1.000, recall 0.937 (before the content check, centre, flat
 and ECC: 0.996 / 0.918; the old stage, hash + guard + connected components: ~0.95 / 0.61). The
-held-out split, reported only: 0.986 / 0.948 (before: 0.953 / 0.912; imagededup PHash 1.000 /
-0.484); its false pairs are all login previews of different desktop-base themes, near-flat
-backgrounds under one login screen, where the overlay is most of the content. On
+held-out split, reported only: 0.986 / 0.950 (before: 0.953 / 0.912; imagededup PHash 1.000 /
+0.484); its false pairs are all login previews of different desktop-base themes, one login
+screen over smooth vignettes, whose cells agree as gradients do. On
 ORB-verified candidates of the tune split, copies with >= 20 inliers correlate >= 0.87 after
 warping (95%; the lowest: hue shifts, large captions), the look-alike scene it used to accept (two
 photos of the same toy blocks, other letters) 0.52-0.65, 8-19-inlier copies mostly >= 0.9 and no
-false pair there above 0.65; of ~4,600 ECC-aligned candidates, unrelated ones reach 0.95, copies of
-stripes and smooth shapes 0.99-1.0. A login screen drawn over 39 tune pictures (`realphotos.
-login_overlay`): keypoints alone accept 80 of the 741 pairs, the content check 17 (all on near-flat
-paper textures, where the overlay is the only content). Still missed on tune: copies of paper
+false pair there above 0.65; of ~1,000 unrelated ECC-aligned candidates none reaches 0.935 (an
+earlier layout saw 0.95), copies of stripes and smooth shapes 0.958-1.0. A login screen drawn over
+39 tune pictures (`realphotos.login_overlay`): keypoints alone accept 80 of the 741 pairs, the
+whole-overlap correlation 11 (near-flat paper textures, where the overlay is the only contrast),
+the cell check none (`cell_agreement`: those pairs <= 0.44 of cells agree, accepted copies >=
+0.58, most 1.0), and it keeps 191 of the 195 copies of those login screens it did before.
+Still missed on tune: copies of paper
 textures with frames, rotations or captions that no family proposes, recolourings, hue shifts
 (grey correlation 0.2), padded copies the margin trim leaves framed.
 Cost: ORB features ~30 ms per image (one thread) and a match a few ms per pair, on candidates only
@@ -107,7 +110,7 @@ import polars as pl
 from curation import catalog
 from curation.catalog import Status, Workspace
 from curation.config import DedupSettings, HashKind, Manifest
-from curation.images import open_rgb
+from curation.images import open_grey, open_rgb
 from curation.progress import progress_map, track
 from curation.store import PartsTable
 from curation.workers import die_with_parent, worker_context
@@ -173,18 +176,21 @@ def hash_image(path: str | Path, kind: HashKind = HashKind.phash) -> tuple[str, 
     import imagehash
     from PIL import Image
 
-    grey = open_rgb(path, draft=_DRAFT).convert("L")
+    grey = open_grey(path, draft=_DRAFT)
     w0, h0 = grey.size
     grey = trim_margins(grey)
-    fn = {HashKind.phash: imagehash.phash, HashKind.dhash: imagehash.dhash, HashKind.whash: imagehash.whash}[kind]
-    h = fn(grey)
-    regions = b"".join(bytes.fromhex(str(fn(r))) for r in _regions(grey))
+    if kind is HashKind.phash:
+        h, regions = _phashes(grey)
+    else:
+        fn = {HashKind.dhash: imagehash.dhash, HashKind.whash: imagehash.whash}[kind]
+        h = str(fn(grey))
+        regions = b"".join(bytes.fromhex(str(fn(r))) for r in _regions(grey))
     g = np.asarray(grey.resize((64, 64), Image.BOX), dtype=np.float32)
     thumb = g.reshape(16, 4, 16, 4).mean((1, 3))
     gx, gy = float(np.abs(np.diff(g, axis=1)).sum()), float(np.abs(np.diff(g, axis=0)).sum())
     orient = round(255 * gx / (gx + gy)) if gx + gy > 0 else 128
     content = round(255 * grey.width * grey.height / (w0 * h0))
-    return str(h), np.rint(thumb).astype(np.uint8).tobytes() + bytes([orient]) + regions + bytes([content, _SIG_VERSION])
+    return h, np.rint(thumb).astype(np.uint8).tobytes() + bytes([orient]) + regions + bytes([content, _SIG_VERSION])
 
 
 # Central regions hashed besides the whole picture (share of each side kept, centred).
@@ -207,6 +213,35 @@ def _regions(grey: Image.Image) -> list[Image.Image]:
         out.append(grey.crop(box))
     out.append(grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     return out
+
+
+@lru_cache(maxsize=1)
+def _dct_matrix() -> np.ndarray:
+    """32x32 DCT-II matrix, unnormalised as scipy's default (what imagehash.phash applies)."""
+    n = np.arange(32)
+    return 2 * np.cos(np.pi * np.outer(n, 2 * n + 1) / 64)
+
+
+def _phashes(grey: Image.Image) -> tuple[str, bytes]:
+    """imagehash.phash of the picture (hex), and of `_regions` (8 bytes each), in one batched DCT.
+
+    The same bits as imagehash (32x32 Lanczos grey, 2-D DCT-II, the 8x8 low frequencies against
+    their median), ~4x cheaper: the three resized greys share one matrix product, and the mirrored
+    picture's DCT is the direct one with odd horizontal frequencies negated (a reversed sequence's
+    DCT-II coefficient k is (-1)^k times the original's), so it needs no resize of its own."""
+    from PIL import Image
+
+    crops = _regions(grey)[:-1]
+    x = np.stack([np.asarray(g.resize((32, 32), Image.LANCZOS), np.float64) for g in (grey, *crops)])
+    c = _dct_matrix()
+    low = (c @ x @ c.T)[:, :8, :8]
+    # exact zeros (symmetric patterns such as stripes) stay zeros, as scipy's DCT leaves them:
+    # the product's ~1e-13 residue would otherwise flip their bits against the median
+    low[np.abs(low) < 1e-6] = 0.0
+    low = np.concatenate([low, low[:1] * np.where(np.arange(8) % 2, -1.0, 1.0)])  # + the mirror's
+    bits = low.reshape(len(low), 64) > np.median(low.reshape(len(low), 64), axis=1, keepdims=True)
+    packed = np.packbits(bits, axis=1)
+    return packed[0].tobytes().hex(), packed[1:].tobytes()
 
 
 def trim_margins(grey: Image.Image, *, max_std: float = 3.0, keep: float = 0.3) -> Image.Image:
@@ -288,7 +323,7 @@ def hex_to_u64(values: Sequence[str]) -> np.ndarray:
 
 
 _SIG = 259 + 8 * (len(_REGION_SCALES) + 1)  # bytes of a guard signature (283)
-_SIG_VERSION = 3  # last byte: a new layout changes _SIG or this, and old signatures are recomputed
+_SIG_VERSION = 4  # last byte: a new layout or decode changes _SIG or this, and old signatures (and hashes) are recomputed
 
 
 def thumbs_to_array(values: Sequence[bytes]) -> np.ndarray:
@@ -619,7 +654,7 @@ def knn_pairs(x: np.ndarray, queries: list[np.ndarray], k: int, min_sim: float) 
 # Hamming radius of the region family's search (at most ``threshold``). Its 4n hashes make the
 # search 4x larger than the hash family's, and multi-index cost grows steeply with the radius
 # (4M random hashes, 2 busy cores: t=10 ~145 s, 8: 30 s, 6: 22 s, 4: 17 s); on the tune split 4 and
-# 10 find the same copies (recall 0.934 either way: the layout, centre and flat families propose
+# 10 find the same copies (recall 0.934 either way, when measured: the layout, centre and flat families propose
 # the rest), so the cheap radius keeps 1M images within the search budget.
 _REGION_BITS = 4
 
@@ -683,7 +718,7 @@ def _orb_grey(path: str | Path, mirror: bool) -> np.ndarray:
     """The grey image ORB runs on: 480 px on the long side, EXIF-upright, optionally mirrored."""
     from PIL import Image
 
-    im = open_rgb(path, draft=(_ORB_SIDE, _ORB_SIDE)).convert("L")
+    im = open_grey(path, draft=(_ORB_SIDE, _ORB_SIDE))
     scale = _ORB_SIDE / max(im.size)
     im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
     if mirror:
@@ -709,20 +744,23 @@ def orb_features(path: str | Path, *, mirror: bool = False) -> tuple[np.ndarray,
 # Content check: the pair's greys at 1/_CONTENT_DIV of the ORB frame (120 px), blurred a little so
 # RANSAC's few-pixel misalignment and JPEG noise do not decide the correlation.
 _CONTENT_DIV = 4
+# Local check: the pair's greys at 1/_DETAIL_DIV of the ORB frame (240 px), in _CELLS x _CELLS cells.
+_DETAIL_DIV = 2
+_CELLS = 6
 
 
-def content_grey(grey: np.ndarray) -> np.ndarray:
-    """The small float32 grey the content check compares (from the 480-px ORB grey), NaN on
-    black or white margins (`margin_box`): padding and letterbox bars are no content, and a
+def content_grey(grey: np.ndarray, div: int = _CONTENT_DIV) -> np.ndarray:
+    """The small float32 grey the content check compares (from the 480-px ORB grey, 1/``div``),
+    NaN on black or white margins (`margin_box`): padding and letterbox bars are no content, and a
     padded copy compared with a framed one would otherwise disagree on them."""
     import cv2
 
     h, w = grey.shape
-    small = cv2.resize(grey, (max(1, round(w / _CONTENT_DIV)), max(1, round(h / _CONTENT_DIV))), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(grey, (max(1, round(w / div)), max(1, round(h / div))), interpolation=cv2.INTER_AREA)
     small = cv2.GaussianBlur(small.astype(np.float32), (3, 3), 0)
     box = margin_box(grey.astype(np.float32))
     if box is not None:
-        left, top, right, bottom = (round(x / _CONTENT_DIV) for x in box)
+        left, top, right, bottom = (round(x / div) for x in box)
         keep = np.zeros(small.shape, bool)
         keep[top:bottom, left:right] = True
         small[~keep] = np.nan
@@ -739,12 +777,14 @@ def _filled(g: np.ndarray) -> np.ndarray:
 class Match:
     """One verified pair: ORB inliers of the RANSAC similarity (0: no transform within scale
     0.5-2 and 20 degrees) and, when there is one, the grey correlation of the overlap after
-    warping (``ncc``) and the overlap's share of the smaller picture (``overlap``)."""
+    warping (``ncc``), the overlap's share of the smaller picture (``overlap``) and the share of
+    its cells that agree (``cells``)."""
 
     inliers: int = 0
     ncc: float = -1.0
     overlap: float = 0.0
     ecc: bool = False  # aligned by intensity (`ecc_alignment`), no keypoint geometry
+    cells: float = 0.0  # share of the overlap's textured cells that agree (`cell_agreement`)
 
 
 def _similarity(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[int, np.ndarray | None]:
@@ -779,6 +819,17 @@ def geometric_inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.
     return _similarity(a, b)[0]
 
 
+def _warp_onto(ga: np.ndarray, gb: np.ndarray, M: np.ndarray, div: int) -> np.ndarray:
+    """``gb`` warped onto ``ga``'s frame by ``M`` (a -> b in the ORB frame; greys at 1/``div``), NaN outside."""
+    import cv2
+
+    m = M.astype(np.float64).copy()
+    m[:, 2] /= div  # same linear part, translation in the small frame
+    h, w = ga.shape
+    return cv2.warpAffine(gb, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
+
+
 def warped_content(ga: np.ndarray, gb: np.ndarray, M: np.ndarray) -> tuple[float, float]:
     """(grey correlation over the overlap, the overlap's share of the smaller picture) of ``gb``
     warped onto ``ga`` by ``M`` (the a -> b similarity in the ORB frame; ``ga``, ``gb`` from
@@ -788,14 +839,9 @@ def warped_content(ga: np.ndarray, gb: np.ndarray, M: np.ndarray) -> tuple[float
     logo, a caption block): their inliers all sit on it, and the rest of the picture does not
     agree. A copy's pixels agree everywhere (brightness, contrast and greyscale drop out of a
     correlation), also when it is so flat that it keeps few keypoints."""
-    import cv2
-
-    m = M.astype(np.float64).copy()
-    m[:, 2] /= _CONTENT_DIV  # same linear part, translation in the small frame
-    h, w = ga.shape
     # margins are NaN and stay NaN through the warp; outside b is NaN too
-    wb = cv2.warpAffine(gb, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
-                        borderValue=float("nan"))
+    wb = _warp_onto(ga, gb, M, _CONTENT_DIV)
+    m = M.astype(np.float64)
     mask = np.isfinite(ga) & np.isfinite(wb)
     area = int(mask.sum())
     scale2 = float(m[0, 0] ** 2 + m[1, 0] ** 2)  # area factor a -> b
@@ -809,11 +855,52 @@ def warped_content(ga: np.ndarray, gb: np.ndarray, M: np.ndarray) -> tuple[float
     return (float((xc * yc).sum() / den) if den > 1e-6 else -1.0), overlap
 
 
+# A cell counts when both pictures vary in it by >= _CELL_STD grey levels (JPEG noise and
+# flat paper below), and agrees when its correlation is >= _CELL_NCC.
+_CELL_STD = 1.0
+_CELL_NCC = 0.3
+
+
+def cell_agreement(da: np.ndarray, db: np.ndarray, M: np.ndarray) -> float:
+    """Share of the overlap's textured cells (a _CELLS x _CELLS grid over ``da``, cells at least
+    half covered, both pictures varying by >= _CELL_STD) whose greys correlate >= _CELL_NCC after
+    warping ``db`` by ``M``; 1.0 when no cell is textured (``da``, ``db``: `content_grey` at
+    1/_DETAIL_DIV).
+
+    One correlation over the whole overlap is decided by its strongest structure: two different
+    near-flat pictures under one login screen correlate like copies (0.6-0.9), the overlay being
+    all the contrast there is. Cell by cell, the soft texture of the backgrounds counts as much as
+    the overlay (tune split: copies >= 0.58, most 1.0; such pairs <= 0.44)."""
+    wb = _warp_onto(da, db, M, _DETAIL_DIV)
+    h, w = da.shape
+    rows = np.minimum(np.arange(h) * _CELLS // h, _CELLS - 1)
+    cols = np.minimum(np.arange(w) * _CELLS // w, _CELLS - 1)
+    cell = (rows[:, None] * _CELLS + cols[None, :]).ravel()
+    ok = (np.isfinite(da) & np.isfinite(wb)).ravel()
+    c, x, y = cell[ok], da.ravel()[ok].astype(np.float64), wb.ravel()[ok].astype(np.float64)
+    k = _CELLS * _CELLS
+    n = np.bincount(c, minlength=k).astype(np.float64)
+    size = np.bincount(cell, minlength=k)
+
+    def s(v: np.ndarray) -> np.ndarray:
+        return np.bincount(c, weights=v, minlength=k)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mx, my = s(x) / n, s(y) / n
+        vx, vy = s(x * x) / n - mx * mx, s(y * y) / n - my * my
+        cov = s(x * y) / n - mx * my
+        textured = (n >= 0.5 * size) & (n > 1) & (np.minimum(vx, vy) >= _CELL_STD**2)
+        if not textured.any():
+            return 1.0
+        r = cov[textured] / np.sqrt(vx[textured] * vy[textured])
+    return float((r >= _CELL_NCC).mean())
+
+
 # Intensity alignment is tried on pairs without keypoint geometry whose 8x8 layouts correlate
 # this much, and accepted when the aligned overlap correlates >= _ECC_NCC (tune split: unrelated
-# candidates <= 0.95, copies of stripes and smooth shapes 0.99-1.0).
+# candidates <= 0.933, copies of stripes and smooth shapes 0.958-1.0).
 _ECC_MIN_LAYOUT = 0.8
-_ECC_NCC = 0.99
+_ECC_NCC = 0.955
 
 
 def _area_resize(g: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -840,18 +927,26 @@ def ecc_alignment(ga: np.ndarray, gb: np.ndarray) -> np.ndarray | None:
     return m
 
 
-def match_pair(a: tuple[np.ndarray, np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Match:
-    """`Match` of two (keypoints, descriptors, content grey) triples (see `Verifier`)."""
+Features = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def match_pair(a: Features, b: Features) -> Match:
+    """`Match` of two (keypoints, descriptors, content grey, detail grey) features (see `Verifier`)."""
     inl, M = _similarity(a[:2], b[:2])
-    if M is not None:
-        return Match(inl, *warped_content(a[2], b[2], M))
-    # No keypoint geometry: align by intensity, only pairs whose coarse layouts already agree
-    # (ECC costs ~10 ms a pair; most candidates are unrelated).
-    la, lb = (_area_resize(_filled(g), (8, 8)).ravel() for g in (a[2], b[2]))
-    if la.std() < 1.0 or lb.std() < 1.0 or np.corrcoef(la, lb)[0, 1] < _ECC_MIN_LAYOUT:
-        return Match()
-    E = ecc_alignment(_filled(a[2]), _filled(b[2]))
-    return Match(0, *warped_content(a[2], b[2], E), ecc=True) if E is not None else Match()
+    ca, cb = a[2].astype(np.float32), b[2].astype(np.float32)
+    ecc = M is None
+    if ecc:
+        # No keypoint geometry: align by intensity, only pairs whose coarse layouts already agree
+        # (ECC costs ~10 ms a pair; most candidates are unrelated).
+        la, lb = (_area_resize(_filled(g), (8, 8)).ravel() for g in (ca, cb))
+        if la.std() < 1.0 or lb.std() < 1.0 or np.corrcoef(la, lb)[0, 1] < _ECC_MIN_LAYOUT:
+            return Match()
+        M = ecc_alignment(_filled(ca), _filled(cb))
+        if M is None:
+            return Match()
+    ncc, overlap = warped_content(ca, cb, M)
+    cells = cell_agreement(a[3].astype(np.float32), b[3].astype(np.float32), M)
+    return Match(inl, ncc, overlap, ecc=ecc, cells=cells)
 
 
 class Verifier:
@@ -861,32 +956,36 @@ class Verifier:
 
     A pair is accepted with ``min_inliers`` inliers and an overlap correlating >= ``min_ncc``, or
     with ``few_inliers`` (a flat picture keeps few keypoints) and >= ``flat_ncc``; the overlap
-    must cover ``min_overlap`` of the smaller picture. Pairs without keypoint geometry are
-    aligned by ECC (`match_pair`) and need ``_ECC_NCC``. Tuned on the real-photo benchmark's tune
+    must cover ``min_overlap`` of the smaller picture, and ``min_cells`` of its textured cells
+    must agree (`cell_agreement`). Pairs without keypoint geometry are aligned by ECC
+    (`match_pair`) and need ``_ECC_NCC``. Tuned on the real-photo benchmark's tune
     split (see the module docstring): copies with >= 20 inliers correlate >= 0.87 (95%; the
     lowest are hue shifts and large captions), the look-alike scene it kept (the same toy blocks,
     other letters) <= 0.65, and copies with 8-19 inliers that correlate >= 0.9 are all true."""
 
     def __init__(self, paths: Sequence[Path], min_inliers: int, *, min_ncc: float = 0.6, few_inliers: int = 8,
-                 flat_ncc: float = 0.9, min_overlap: float = 0.5, record: bool = False):
+                 flat_ncc: float = 0.9, min_overlap: float = 0.5, min_cells: float = 0.5, record: bool = False):
         self.paths = paths
+        self.min_cells = min_cells
         self.min_inliers = min_inliers
         self.min_ncc, self.few_inliers, self.flat_ncc = min_ncc, few_inliers, flat_ncc
         self.min_overlap = min_overlap
-        self.features: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.features: dict[tuple[int, bool], Features] = {}
         # with ``record``: every pair verified -> its Match (for diagnostics; off at scale)
         self.record = record
         self.matches: dict[tuple[int, int, bool], Match] = {}
 
-    def _feat(self, key: tuple[int, bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _feat(self, key: tuple[int, bool]) -> Features:
         try:
             g = _orb_grey(self.paths[key[0]], key[1])
-            return (*_keypoints(g), content_grey(g))
+            # greys kept as float16 (NaN margins survive): ~80 kB of features an image
+            return (*_keypoints(g), content_grey(g).astype(np.float16), content_grey(g, _DETAIL_DIV).astype(np.float16))
         except Exception:  # noqa: BLE001 - an unreadable file verifies nothing
-            return np.empty((0, 2), np.float32), np.empty((0, 32), np.uint8), np.zeros((1, 1), np.float32)
+            flat = np.zeros((1, 1), np.float16)
+            return np.empty((0, 2), np.float32), np.empty((0, 32), np.uint8), flat, flat
 
     def accept(self, m: Match) -> bool:
-        if m.overlap < self.min_overlap:
+        if m.overlap < self.min_overlap or m.cells < self.min_cells:
             return False
         if m.ecc:
             return m.ncc >= _ECC_NCC

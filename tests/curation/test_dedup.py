@@ -573,3 +573,16 @@ def test_hashing_pool_spawns_clean_workers_under_a_sigterm_handler(tmp_path, cap
         signal.signal(signal.SIGTERM, old)
     assert len(got) == 300 and all(h is not None for h, _, _ in got)
     assert "TerminationSignal" not in capfd.readouterr().err
+
+
+def test_batched_phashes_are_imagehash_phashes(tmp_path):
+    """`hash_image`'s one-product pHashes of the picture, its central regions and its mirror are
+    the bits imagehash.phash gives each of them (so hashes stay comparable with imagededup's and
+    with catalogs hashed before)."""
+    import imagehash
+
+    pictures = [support.textured(seed, size) for seed, size in ((1, (640, 480)), (2, (300, 500)), (3, (1024, 200)))]
+    for grey in (p.convert("L") for p in [*pictures, _stripes(True), _stripes(False)]):  # stripes: exact-zero DCT terms
+        h, regions = dedup._phashes(grey)
+        assert h == str(imagehash.phash(grey))
+        assert regions == b"".join(bytes.fromhex(str(imagehash.phash(r))) for r in dedup._regions(grey))

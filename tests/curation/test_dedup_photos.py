@@ -119,6 +119,20 @@ def test_a_shared_login_overlay_does_not_make_two_pictures_duplicates(tmp_path):
     assert ok, m
 
 
+def test_near_flat_pictures_under_one_login_screen_are_told_apart_cell_by_cell(tmp_path):
+    """Two paper textures under the same login screen: the overlay is nearly all the contrast, so
+    the whole overlap correlates like a copy's (>= min_ncc with >= min_inliers) and only the soft
+    grain of the papers differs. Cell by cell that grain counts: most textured cells disagree, and
+    the pair is rejected, while the same paper under the overlay, resized, agrees everywhere."""
+    (_, cork), (_, paper) = (_photo(n) for n in ("lookalike_ramon_hr_cork", "lookalike_ramon_hr_pastelpaper_02"))
+    a = realphotos.login_overlay(cork.resize((960, 540)))
+    ok, m = _verify(tmp_path, a, realphotos.login_overlay(paper.resize((960, 540))))
+    assert m.inliers >= DedupSettings().min_inliers and m.ncc >= 0.6, f"the trap is not real: {m}"
+    assert m.cells < 0.5 and not ok, f"near-flat pictures under one overlay accepted: {m}"
+    ok, m = _verify(tmp_path, a, realphotos.login_overlay(cork.resize((960, 540))).resize((640, 360)))
+    assert ok and m.cells >= 0.9, m
+
+
 def test_a_low_texture_crop_with_few_keypoints_is_accepted_on_its_content(tmp_path):
     """A paper texture cropped by 10% on one side keeps fewer than min_inliers ORB inliers, but
     the warped overlap correlates like a copy's."""

@@ -3,7 +3,7 @@ import io
 import pytest
 from PIL import Image
 
-from curation.images import Normalised, Rejected, normalise, open_rgb, sniff
+from curation.images import Normalised, Rejected, normalise, open_grey, open_rgb, sniff
 from tests import support
 
 
@@ -70,6 +70,23 @@ def test_open_rgb_draft_decodes_small(tmp_path):
     small = open_rgb(p, draft=(64, 64))
     assert full.size == (800, 600)
     assert small.mode == "RGB" and small.size[0] < 800 and small.size[0] >= 64
+
+
+def test_open_grey_is_the_grey_of_open_rgb(tmp_path):
+    """A colour JPEG decoded as luma only gives the grey convert("L") gives (JFIF's Y, to rounding),
+    at the same draft size, to rounding and clipping; other inputs go through open_rgb (alpha on white, not black)."""
+    import numpy as np
+
+    p = support.write(tmp_path / "a.jpg", support.jpeg(5, (800, 600)))
+    for draft in (None, (64, 64), (480, 480)):
+        g, ref = open_grey(p, draft=draft), open_rgb(p, draft=draft).convert("L")
+        assert g.mode == "L" and g.size == ref.size
+        diff = np.abs(np.asarray(g, np.int16) - np.asarray(ref, np.int16))
+        assert (diff <= 1).mean() >= 0.995 and diff.mean() < 0.05  # off by more only where RGB clips
+    rgba = Image.new("RGBA", (64, 48), (0, 0, 0, 0))
+    q = tmp_path / "t.png"
+    rgba.save(q)
+    assert np.asarray(open_grey(q)).min() == 255  # transparent is white, as in open_rgb
 
 
 @pytest.mark.parametrize("frac", [0.3, 0.9, 0.995])
