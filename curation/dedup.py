@@ -226,9 +226,9 @@ def _phashes(grey: Image.Image) -> tuple[str, bytes]:
     """imagehash.phash of the picture (hex), and of `_regions` (8 bytes each), in one batched DCT.
 
     The same bits as imagehash (32x32 Lanczos grey, 2-D DCT-II, the 8x8 low frequencies against
-    their median), ~4x cheaper: the three resized greys share one matrix product, and the mirrored
-    picture's DCT is the direct one with odd horizontal frequencies negated (a reversed sequence's
-    DCT-II coefficient k is (-1)^k times the original's), so it needs no resize of its own."""
+    their median) for a fifth less: the three resized greys share one matrix product, and the
+    mirrored picture's DCT is the direct one with odd horizontal frequencies negated (a reversed
+    sequence's DCT-II coefficient k is (-1)^k times the original's), so it needs no resize of its own."""
     from PIL import Image
 
     crops = _regions(grey)[:-1]
@@ -323,7 +323,7 @@ def hex_to_u64(values: Sequence[str]) -> np.ndarray:
 
 
 _SIG = 259 + 8 * (len(_REGION_SCALES) + 1)  # bytes of a guard signature (283)
-_SIG_VERSION = 4  # last byte: a new layout or decode changes _SIG or this, and old signatures (and hashes) are recomputed
+_SIG_VERSION = 4  # last byte: a new layout or decode bumps it, and old signatures and hashes are recomputed
 
 
 def thumbs_to_array(values: Sequence[bytes]) -> np.ndarray:
@@ -654,7 +654,7 @@ def knn_pairs(x: np.ndarray, queries: list[np.ndarray], k: int, min_sim: float) 
 # Hamming radius of the region family's search (at most ``threshold``). Its 4n hashes make the
 # search 4x larger than the hash family's, and multi-index cost grows steeply with the radius
 # (4M random hashes, 2 busy cores: t=10 ~145 s, 8: 30 s, 6: 22 s, 4: 17 s); on the tune split 4 and
-# 10 find the same copies (recall 0.934 either way, when measured: the layout, centre and flat families propose
+# 10 find the same copies (recall 0.934 either way, before the cell check: the layout, centre and flat families propose
 # the rest), so the cheap radius keeps 1M images within the search budget.
 _REGION_BITS = 4
 
