@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import cv2
 import numpy as np
 import polars as pl
 import pytest
@@ -586,3 +587,24 @@ def test_batched_phashes_are_imagehash_phashes(tmp_path):
         h, regions = dedup._phashes(grey)
         assert h == str(imagehash.phash(grey))
         assert regions == b"".join(bytes.fromhex(str(imagehash.phash(r))) for r in dedup._regions(grey))
+
+
+def test_cell_agreement_counts_structure_present_in_one_picture_only():
+    """Cells of the overlap agree when their greys correlate; a cell textured in one picture and
+    flat in the other disagrees (a shared overlay over two flat pictures is not a copy), while
+    brightness and contrast changes agree everywhere. Pairs whose whole overlap correlates below
+    sure_ncc need doubt_cells of their cells to agree, not min_cells."""
+    rng = np.random.default_rng(0)
+    a = cv2.GaussianBlur(rng.normal(128, 30, (100, 150)).astype(np.float32), (5, 5), 0)
+    eye = np.array([[1.0, 0, 0], [0, 1.0, 0]])  # b is aligned with a
+    assert dedup.cell_agreement(a, a * 0.5 + 30, eye) == 1.0
+    flat_cell = a.copy()
+    flat_cell[:20, :30] = 128.0  # one of the 25 cells loses its texture
+    assert dedup.cell_agreement(a, flat_cell, eye) == pytest.approx(24 / 25)
+    other = cv2.GaussianBlur(rng.normal(128, 30, (100, 150)).astype(np.float32), (5, 5), 0)
+    assert dedup.cell_agreement(a, other, eye) < 0.3
+    assert dedup.cell_agreement(np.full((100, 150), 90, np.float32), np.full((100, 150), 200, np.float32), eye) == 1.0
+    v = dedup.Verifier([], 20)
+    assert v.accept(dedup.Match(50, 0.95, 1.0, cells=0.6))
+    assert not v.accept(dedup.Match(50, 0.85, 1.0, cells=0.6))
+    assert v.accept(dedup.Match(50, 0.85, 1.0, cells=0.8))
