@@ -6,6 +6,7 @@ near duplicates out (``build``), and our dedup stage vs imagededup on either spl
     .venv/bin/python benchmarks/realphotos.py eval --split heldout --code DIR   # e.g. a baseline:
         mkdir /tmp/base && git archive HEAD curation | tar -x -C /tmp/base
     .venv/bin/python benchmarks/realphotos.py fixtures   # tests/assets/dedup/photos from the tune split
+    .venv/bin/python benchmarks/realphotos.py login-probe   # login screens over smooth backgrounds
 
 ``eval`` runs our stage as a user does (a workspace with a folder source over the split: ingest,
 then dedup; pairs = all pairs within one ``dup_group``, or one stored image) and imagededup's PHash
@@ -89,14 +90,14 @@ class Original:
 # ---------------------------------------------------------------- sources
 
 
-def fetch_packages(cache: Path) -> Path:
+def fetch_packages(cache: Path, packages: list[str] = PACKAGES) -> Path:
     """Download and unpack the packages (no install, no root needed); returns the unpack root."""
     debs, root = cache / "debs", cache / "x"
     debs.mkdir(parents=True, exist_ok=True)
-    missing = [p for p in PACKAGES if not list(debs.glob(f"{p}_*.deb"))]
+    missing = [p for p in packages if not list(debs.glob(f"{p}_*.deb"))]
     if missing:
         subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True, capture_output=True)
-    for p in PACKAGES:
+    for p in packages:
         dest = root / p
         if not dest.exists():
             (deb,) = debs.glob(f"{p}_*.deb")
@@ -635,7 +636,13 @@ def main() -> None:
     e.add_argument("--examples", type=int, default=10, help="false pairs to print")
     e.add_argument("--json", type=Path, help="also write the figures here")
     e.add_argument("--code", type=Path, help="import curation from this tree instead (e.g. an export of HEAD, for a baseline)")
+    lp = sub.add_parser("login-probe", help="login screens over smooth backgrounds (tune side): what verification accepts")
+    lp.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args()
+    if a.cmd == "login-probe":
+        for k, v in login_probe(a.out).items():
+            print(f"{k:32s} {v}")
+        return
     if a.cmd == "build":
         build(a.out)
         return
@@ -647,6 +654,72 @@ def main() -> None:
     if a.code:
         sys.path.insert(0, str(a.code.resolve()))
     evaluate(a.out, a.split, peer=not a.no_peer, cnn=a.cnn, examples=a.examples, json_out=a.json)
+
+
+# ---------------------------------------------------------------- login-screen probe
+
+# Login backgrounds of Debian themes whose login previews are NOT in the benchmark (the held-out
+# split holds joy-inksplat's, lines', softwaves' and spacefun's), rendered from their SVGs, and two
+# SDDM themes' backgrounds: smooth vignettes and gradients, where a login screen is most of the
+# contrast.
+PROBE_THEMES = ["emerald", "futureprototype", "homeworld", "moonlight"]
+PROBE_PACKAGES = ["sddm-theme-maui", "sddm-theme-elarun", "librsvg2-bin", "librsvg2-2"]
+PROBE_SDDM = {"sddm/maui": "sddm-theme-maui/usr/share/sddm/themes/maui/background.png",
+              "sddm/elarun": "sddm-theme-elarun/usr/share/sddm/themes/elarun/images/background.png"}
+PROBE_SAME = {frozenset({"sddm/elarun", "plasma/Elarun"})}  # the same picture, not a negative
+
+
+def _render_svg(x: Path, svg: Path, out: Path, size: tuple[int, int]) -> Image.Image:
+    lib = x / "librsvg2-2/usr/lib/x86_64-linux-gnu"
+    subprocess.run([str(x / "librsvg2-bin/usr/bin/rsvg-convert"), "-w", str(size[0]), "-h", str(size[1]), str(svg), "-o", str(out)],
+                   check=True, env={"LD_LIBRARY_PATH": str(lib)})
+    return Image.open(out).convert("RGB")
+
+
+def login_probe(out: Path) -> dict:
+    """Login screens (`login_overlay`) over the probe backgrounds and the tune split's wallpapers
+    and papers, each also cropped 5% on every side and greyed: every pair is verified by the stage's
+    `Verifier`, as is, and with the cell check off (the whole-overlap correlation alone). Pairs of
+    different backgrounds are the negatives, the three versions of one background the copies."""
+
+    from curation import dedup
+
+    x = fetch_packages(out, PACKAGES + PROBE_PACKAGES)
+    work = out / "login_probe"
+    work.mkdir(exist_ok=True)
+    size = (900, 506)  # desktop-base's sddm-preview size
+    bgs = [(f"desktop-base/{t}", _render_svg(x, x / f"desktop-base/usr/share/desktop-base/{t}-theme/login/background.svg",
+                                             work / f"bg-{t}.png", size)) for t in PROBE_THEMES]
+    bgs += [(name, _load(x / rel)) for name, rel in PROBE_SDDM.items()]
+    truth = read_truth(out / "tune")
+    files = {Path(r).name: r for r in (str(p.relative_to(out / "tune")) for p in (out / "tune").glob("*/*.jpg"))}
+    bgs += [(oid, Image.open(out / "tune" / files[f]).convert("RGB")) for f, (oid, kind) in sorted(truth.items(), key=lambda t: t[1])
+            if kind == "orig" and not oid.startswith("gcompris")]
+    paths, owner = [], []
+    for k, (name, im) in enumerate(bgs):
+        screen = login_overlay(im.resize(size))
+        for kind in ("orig", "crop5_all", "grey"):
+            c = screen if kind == "orig" else apply(kind, screen, random.Random(f"{SEED}-{name}-{kind}"))[0]
+            p = work / f"{k:03d}_{kind}.jpg"
+            p.write_bytes(_encode(c, 90))
+            paths.append(p)
+            owner.append(name)
+    whole = dedup.Verifier(paths, 20, record=True, min_cells=0.0, doubt_cells=0.0)
+    pairs = np.array(list(itertools.combinations(range(len(paths)), 2)))
+    whole.verify(pairs, np.zeros(len(pairs), bool))
+    stage = dedup.Verifier(paths, 20)
+    kinds = {"negative": 0, "copy": 0}
+    res = {f"{tool} accepts {kind}": 0 for tool in ("whole-overlap", "stage") for kind in kinds}
+    for (i, j) in pairs:
+        if frozenset({owner[i], owner[j]}) in PROBE_SAME:
+            continue
+        kind = "copy" if owner[i] == owner[j] else "negative"
+        kinds[kind] += 1
+        m = whole.matches[(int(i), int(j), False)]
+        res[f"whole-overlap accepts {kind}"] += whole.accept(m)
+        res[f"stage accepts {kind}"] += stage.accept(m)
+    res.update({f"{k} pairs": v for k, v in kinds.items()}, backgrounds=len(bgs))
+    return res
 
 
 # ---------------------------------------------------------------- committed test fixtures

@@ -75,10 +75,10 @@ warping (95%; the lowest: hue shifts, large captions), the look-alike scene it u
 photos of the same toy blocks, other letters) 0.52-0.65, 8-19-inlier copies mostly >= 0.9 and no
 false pair there above 0.65; of ~1,000 unrelated ECC-aligned candidates none reaches 0.935 (an
 earlier layout saw 0.95), copies of stripes and smooth shapes 0.958-1.0.
-Login screens (`realphotos.login_overlay`) over 55 pictures (Debian's emerald, futureprototype,
+Login screens over 55 pictures (`benchmarks/realphotos.py login-probe`: Debian's emerald, futureprototype,
 homeworld and moonlight login backgrounds, two SDDM themes' backgrounds, the tune split's
 wallpapers and papers), each also cropped 5% and greyed: the whole-overlap correlation accepts
-291 pairs of different pictures (up to 0.985 on paper textures), the cell check
+291 of the 13,356 pairs of different pictures (up to 0.985 on paper textures), the cell check
 (`cell_agreement`, 5x5 cells, half of them agreeing at a whole-overlap correlation >= 0.9, 80%
 below) none, and keeps every copy; on the tune split's verified copies it loses 1 of 1,082.
 Still missed on tune: copies of paper
