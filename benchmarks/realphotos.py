@@ -681,7 +681,6 @@ def login_probe(out: Path) -> dict:
     and papers, each also cropped 5% on every side and greyed: every pair is verified by the stage's
     `Verifier`, as is, and with the cell check off (the whole-overlap correlation alone). Pairs of
     different backgrounds are the negatives, the three versions of one background the copies."""
-
     from curation import dedup
 
     x = fetch_packages(out, PACKAGES + PROBE_PACKAGES)
@@ -692,8 +691,8 @@ def login_probe(out: Path) -> dict:
                                              work / f"bg-{t}.png", size)) for t in PROBE_THEMES]
     bgs += [(name, _load(x / rel)) for name, rel in PROBE_SDDM.items()]
     truth = read_truth(out / "tune")
-    files = {Path(r).name: r for r in (str(p.relative_to(out / "tune")) for p in (out / "tune").glob("*/*.jpg"))}
-    bgs += [(oid, Image.open(out / "tune" / files[f]).convert("RGB")) for f, (oid, kind) in sorted(truth.items(), key=lambda t: t[1])
+    files = {p.name: p for p in (out / "tune").glob("*/*.jpg")}
+    bgs += [(oid, Image.open(files[f]).convert("RGB")) for f, (oid, kind) in sorted(truth.items(), key=lambda t: t[1])
             if kind == "orig" and not oid.startswith("gcompris")]
     paths, owner = [], []
     for k, (name, im) in enumerate(bgs):

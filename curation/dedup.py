@@ -207,13 +207,17 @@ def _regions(grey: Image.Image) -> list[Image.Image]:
     where whole-picture hashes differ by 15-30 bits. The mirrored hash finds horizontal flips."""
     from PIL import Image
 
+    return [*_central(grey), grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+
+
+def _central(grey: Image.Image) -> list[Image.Image]:
+    """The central _REGION_SCALES of the picture (share of each side kept, centred)."""
     w, h = grey.size
     out = []
     for f in _REGION_SCALES:
         dx, dy = w * (1 - f) / 2, h * (1 - f) / 2
         box = (round(dx), round(dy), max(round(dx) + 1, round(w - dx)), max(round(dy) + 1, round(h - dy)))
         out.append(grey.crop(box))
-    out.append(grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     return out
 
 
@@ -233,8 +237,7 @@ def _phashes(grey: Image.Image) -> tuple[str, bytes]:
     sequence's DCT-II coefficient k is (-1)^k times the original's), so it needs no resize of its own."""
     from PIL import Image
 
-    crops = _regions(grey)[:-1]
-    x = np.stack([np.asarray(g.resize((32, 32), Image.LANCZOS), np.float64) for g in (grey, *crops)])
+    x = np.stack([np.asarray(g.resize((32, 32), Image.LANCZOS), np.float64) for g in (grey, *_central(grey))])
     c = _dct_matrix()
     low = (c @ x @ c.T)[:, :8, :8]
     # exact zeros (symmetric patterns such as stripes) stay zeros, as scipy's DCT leaves them:
@@ -751,16 +754,15 @@ _DETAIL_DIV = 2
 _CELLS = 5
 
 
-def content_grey(grey: np.ndarray, div: int = _CONTENT_DIV) -> np.ndarray:
-    """The small float32 grey the content check compares (from the 480-px ORB grey, 1/``div``),
-    NaN on black or white margins (`margin_box`): padding and letterbox bars are no content, and a
-    padded copy compared with a framed one would otherwise disagree on them."""
+def content_grey(grey: np.ndarray, box: tuple[int, int, int, int] | None, div: int) -> np.ndarray:
+    """The small float32 grey the content checks compare (from the 480-px ORB grey, 1/``div``),
+    NaN on black or white margins (``box``: `margin_box` of ``grey``): padding and letterbox bars
+    are no content, and a padded copy compared with a framed one would otherwise disagree on them."""
     import cv2
 
     h, w = grey.shape
     small = cv2.resize(grey, (max(1, round(w / div)), max(1, round(h / div))), interpolation=cv2.INTER_AREA)
     small = cv2.GaussianBlur(small.astype(np.float32), (3, 3), 0)
-    box = margin_box(grey.astype(np.float32))
     if box is not None:
         left, top, right, bottom = (round(x / div) for x in box)
         keep = np.zeros(small.shape, bool)
@@ -984,8 +986,9 @@ class Verifier:
     def _feat(self, key: tuple[int, bool]) -> Features:
         try:
             g = _orb_grey(self.paths[key[0]], key[1])
+            box = margin_box(g.astype(np.float32))
             # greys kept as float16 (NaN margins survive): ~80 kB of features an image
-            return (*_keypoints(g), content_grey(g).astype(np.float16), content_grey(g, _DETAIL_DIV).astype(np.float16))
+            return (*_keypoints(g), *(content_grey(g, box, d).astype(np.float16) for d in (_CONTENT_DIV, _DETAIL_DIV)))
         except Exception:  # noqa: BLE001 - an unreadable file verifies nothing
             flat = np.zeros((1, 1), np.float16)
             return np.empty((0, 2), np.float32), np.empty((0, 32), np.uint8), flat, flat

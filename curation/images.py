@@ -173,19 +173,21 @@ def open_rgb(path: str | Path, *, draft: tuple[int, int] | None = None) -> Image
     ``draft`` lets Pillow decode JPEGs at a reduced scale (1/2, 1/4, 1/8) no smaller than the
     given size: several times faster when only a small image is needed (hashing, CLIP).
     """
-    im = Image.open(path)
-    if draft is not None and im.format == "JPEG":
-        im.draft("RGB", draft)
-    im = ImageOps.exif_transpose(im)
-    return _to_rgb(im)
+    return _to_rgb(_upright(path, draft, "RGB"))
 
 
 def open_grey(path: str | Path, *, draft: tuple[int, int] | None = None) -> Image.Image:
     """`open_rgb` then grey ("L"), for hashes and keypoints. With ``draft``, a colour JPEG decodes
     its luma channel only (JFIF's Y is the same weighted sum as convert("L"), to rounding): no
-    chroma upsampling or colour conversion, ~35% less decode time."""
+    chroma upsampling or colour conversion (measured: ~40% less decode time at 480 px, ~5% at 1/8)."""
+    im = _upright(path, draft, "L")
+    return im if im.mode == "L" and "transparency" not in im.info else _to_rgb(im).convert("L")
+
+
+def _upright(path: str | Path, draft: tuple[int, int] | None, mode: str) -> Image.Image:
+    """The image at ``path``, EXIF-upright; a JPEG decoded in ``mode`` at a reduced scale no
+    smaller than ``draft`` when given."""
     im = Image.open(path)
     if draft is not None and im.format == "JPEG":
-        im.draft("L", draft)
-    im = ImageOps.exif_transpose(im)
-    return im if im.mode == "L" and "transparency" not in im.info else _to_rgb(im).convert("L")
+        im.draft(mode, draft)
+    return ImageOps.exif_transpose(im)
