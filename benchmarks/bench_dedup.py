@@ -66,7 +66,9 @@ def our_hashes(paths: list[Path]) -> list[tuple[str, bytes]]:
 
 
 def bench_throughput(n: int) -> None:
-    from imagededup.methods import PHash
+    from realphotos import imagededup_phash
+
+    PHash = imagededup_phash()
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -144,7 +146,9 @@ def pr(pred: set[tuple[str, str]], truth: dict[str, int]) -> tuple[float, float,
 
 
 def bench_quality(n_tex: int, n_clip: int, n_distinct: int) -> None:
-    from imagededup.methods import PHash
+    from realphotos import imagededup_phash
+
+    PHash = imagededup_phash()
 
     settings = DedupSettings()
     with tempfile.TemporaryDirectory() as tmp:

@@ -499,6 +499,47 @@ def _encode(im: Image.Image, quality: int) -> bytes:
 # ---------------------------------------------------------------- build
 
 
+def write_split(d: Path, originals: list[Original], split: str, counts: dict[str, int], *,
+                dup_share: float = 0.75, k_min: int = 3, k_max: int = 6) -> list[dict]:
+    """Write one split: each original, its package variants and, for ``dup_share`` of the rest,
+    3-6 synthetic copies, under random class folders, and ``truth.csv``; returns the originals' rows."""
+    for c in CLASSES:
+        (d / c).mkdir(parents=True, exist_ok=True)
+        for old in (d / c).glob("*.jpg"):
+            old.unlink()
+    truth, rows = [], []
+    srng = random.Random(f"{SEED}-{split}")
+    for o in sorted(originals, key=lambda o: o.oid):
+        # package variants always come with their copies; of the rest, dup_share get copies
+        has_copies = bool(o.variants) or srng.random() < dup_share
+        role = "with_copies" if has_copies else "distractor"
+        rows.append({"original_id": o.oid, "split": split, "package": o.package, "path": o.path,
+                     "role": role, "low_texture": o.low_texture, "width": o.image.size[0], "height": o.image.size[1]})
+        items: list[tuple[str, str, bytes]] = [("orig", "", _encode(o.image, 92))]
+        for kind, path, im in o.variants:
+            items.append((kind, path, _encode(im, 92)))
+        if has_copies:
+            for kind in srng.sample(TRANSFORMS, srng.randint(k_min, k_max)):
+                im, params = apply(kind, o.image, srng)
+                items.append((kind, params, _encode(im, 25 if kind == "jpeg_q25" else 90)))
+        seen: set[bytes] = set()
+        for kind, params, data in items:
+            if data in seen:  # e.g. resize_small of a small original equals resize_half
+                continue
+            seen.add(data)
+            name = hashlib.sha1(f"{SEED}|{o.oid}|{kind}|{params}".encode()).hexdigest()[:12] + ".jpg"
+            rel = f"{srng.choice(CLASSES)}/{name}"
+            (d / rel).write_bytes(data)
+            truth.append({"file": rel, "original_id": o.oid, "transform": kind, "params": params})
+            counts[kind] = counts.get(kind, 0) + 1
+    with open(d / "truth.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, ["file", "original_id", "transform", "params"])
+        wr.writeheader()
+        wr.writerows(truth)
+    return rows
+
+
+
 def build(out: Path, *, dup_share: float = 0.75, k_min: int = 3, k_max: int = 6) -> None:
     x = fetch_packages(out)
     originals = collect_originals(x)
@@ -510,40 +551,8 @@ def build(out: Path, *, dup_share: float = 0.75, k_min: int = 3, k_max: int = 6)
     rows_orig = []
     counts: dict[str, dict[str, int]] = {"tune": {}, "heldout": {}}
     for split in ("tune", "heldout"):
-        d = out / split
-        for c in CLASSES:
-            (d / c).mkdir(parents=True, exist_ok=True)
-            for old in (d / c).glob("*.jpg"):
-                old.unlink()
-        truth = []
-        srng = random.Random(f"{SEED}-{split}")
-        for o in sorted((o for o in originals if split_of[o.oid] == split), key=lambda o: o.oid):
-            # package variants always come with their copies; of the rest, dup_share get copies
-            has_copies = bool(o.variants) or srng.random() < dup_share
-            role = "with_copies" if has_copies else "distractor"
-            rows_orig.append({"original_id": o.oid, "split": split, "package": o.package, "path": o.path,
-                              "role": role, "low_texture": o.low_texture, "width": o.image.size[0], "height": o.image.size[1]})
-            items: list[tuple[str, str, bytes]] = [("orig", "", _encode(o.image, 92))]
-            for kind, path, im in o.variants:
-                items.append((kind, path, _encode(im, 92)))
-            if has_copies:
-                for kind in srng.sample(TRANSFORMS, srng.randint(k_min, k_max)):
-                    im, params = apply(kind, o.image, srng)
-                    items.append((kind, params, _encode(im, 25 if kind == "jpeg_q25" else 90)))
-            seen: set[bytes] = set()
-            for kind, params, data in items:
-                if data in seen:  # e.g. resize_small of a small original equals resize_half
-                    continue
-                seen.add(data)
-                name = hashlib.sha1(f"{SEED}|{o.oid}|{kind}|{params}".encode()).hexdigest()[:12] + ".jpg"
-                rel = f"{srng.choice(CLASSES)}/{name}"
-                (d / rel).write_bytes(data)
-                truth.append({"file": rel, "original_id": o.oid, "transform": kind, "params": params})
-                counts[split][kind] = counts[split].get(kind, 0) + 1
-        with open(d / "truth.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, ["file", "original_id", "transform", "params"])
-            wr.writeheader()
-            wr.writerows(truth)
+        rows_orig += write_split(out / split, [o for o in originals if split_of[o.oid] == split], split,
+                                 counts[split], dup_share=dup_share, k_min=k_min, k_max=k_max)
     with open(out / "originals.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, list(rows_orig[0]))
         wr.writeheader()
@@ -626,11 +635,13 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="download the packages and write the two splits")
     b.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    b.add_argument("--fresh", action="store_true", help="write only the fresh held-out split (other packages)")
+    b.add_argument("--tune-small", type=int, metavar="SIDE", help="write only tune<SIDE>: the tune originals at SIDE px")
     f = sub.add_parser("fixtures", help="write the committed test fixtures (tune split) from a build")
     f.add_argument("--out", type=Path, default=DEFAULT_OUT)
     e = sub.add_parser("eval", help="our dedup stage vs imagededup on one split")
     e.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    e.add_argument("--split", choices=["tune", "heldout"], required=True)
+    e.add_argument("--split", required=True, help="tune, heldout, fresh or tune<SIDE>")
     e.add_argument("--no-peer", action="store_true", help="skip imagededup")
     e.add_argument("--cnn", action="store_true", help="also try imagededup's CNN (needs its weights)")
     e.add_argument("--examples", type=int, default=10, help="false pairs to print")
@@ -644,7 +655,10 @@ def main() -> None:
             print(f"{k:32s} {v}")
         return
     if a.cmd == "build":
-        build(a.out)
+        if a.tune_small:
+            build_tune_small(a.out, a.tune_small)
+        else:
+            build_fresh(a.out) if a.fresh else build(a.out)
         return
     if a.cmd == "fixtures":
         write_fixtures(a.out)
@@ -798,6 +812,122 @@ ships WebP conversions of the upstream .jpg/.png it names).
 """
 
 
+# ---------------------------------------------------------------- fresh held-out split
+
+# A second held-out split, from packages nothing was tuned or probed on (chosen 2026-12-03, after the
+# first held-out split had been looked at too often to stay unbiased): Stellarium's telescope photos
+# of nebulae and galaxies (dark, mostly black skies), its photo panoramas and planet maps,
+# scikit-image's sample photographs, Krita's scanned paper and canvas textures, digiKam's about
+# photo, and Xfce, LXDE and GRUB backgrounds (low texture; LXDE's three colours of one design are
+# real recolourings). Built and evaluated like the others; report it, never tune on it.
+FRESH_PACKAGES = ["stellarium-data", "python3-skimage", "krita-data", "digikam-data", "xfdesktop4-data",
+                  "lxde-common", "grub-theme-starfield"]
+FRESH_NEBULAE = 60  # a seeded sample of Stellarium's ~550 nebula photos, so they do not dominate
+FRESH_SKIMAGE = ["astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "hubble_deep_field",
+                 "moon", "motorcycle_left", "page", "retina", "rocket", "ihc", "cell", "microaneurysms"]
+FRESH_PLANETS = ["earthmap", "jupiter", "mars", "moon_4k", "venus", "mercury", "io", "europa", "ganymede", "callisto",
+                 "saturn", "neptune", "uranus", "titan", "triton", "pluto", "milkyway", "sun", "charon", "ceres"]
+FRESH_LOW = {"xfdesktop4-data": ["xfce-blue.jpg", "xfce-teal.jpg", "xfce-stripes.png", "xfce-verticals.png"],
+             "grub-theme-starfield": ["starfield.png"]}
+
+
+def collect_fresh(x: Path) -> list[Original]:
+    out: list[Original] = []
+
+    def add(oid: str, package: str, root: Path, p: Path, low: bool = False, variants: list | None = None) -> None:
+        with Image.open(p) as im:
+            if min(im.size) < 300:  # icons and thumbnails
+                return
+        out.append(Original(oid, package, str(p.relative_to(root)), _load(p), variants or [], low_texture=low))
+
+    st = x / "stellarium-data/usr/share/stellarium"
+    nebulae = sorted((st / "nebulae/default").glob("*.png"))
+    for p in sorted(random.Random(f"{SEED}-fresh-nebulae").sample(nebulae, FRESH_NEBULAE)):
+        add(f"stellarium/nebula/{p.stem}", "stellarium-data", st, p)
+    for name in FRESH_PLANETS:
+        p = next(iter(sorted((st / "textures").glob(f"{name}.*"))), None)
+        if p is not None:
+            add(f"stellarium/texture/{name}", "stellarium-data", st, p)
+    for d in sorted((st / "landscapes").iterdir()):  # one photo panorama strip per landscape
+        pics = sorted(d.glob("*.png"), key=lambda q: -_pixels(q))
+        if pics:
+            add(f"stellarium/landscape/{d.name}", "stellarium-data", st, pics[0])
+    sk = x / "python3-skimage/usr/lib/python3/dist-packages/skimage/data"
+    for name in FRESH_SKIMAGE:
+        p = next(iter(sorted(sk.glob(f"{name}.*"))), None)
+        if p is not None:
+            add(f"skimage/{name}", "python3-skimage", sk, p)
+    kr = x / "krita-data/usr/share/krita/patterns"
+    for p in sorted(kr.glob("*.png")):
+        add(f"krita/{p.stem}", "krita-data", kr, p, low=True)
+    dk = x / "digikam-data/usr/share/digikam"
+    add("digikam/body-background", "digikam-data", dk, dk / "about/images/body-background.jpg")
+    lx = x / "lxde-common/usr/share/lxde/wallpapers"
+    add("lxde/lxde", "lxde-common", lx, lx / "lxde_blue.jpg", low=True,
+        variants=[("pkg_recolour", f"lxde_{c}.jpg", _load(lx / f"lxde_{c}.jpg")) for c in ("green", "red")])
+    for pkg, names in FRESH_LOW.items():
+        for p in sorted((x / pkg).rglob("*")):
+            if p.name in names:
+                add(f"{pkg}/{p.name}", pkg, x / pkg, p, low=True)
+    return out
+
+
+def collect_fresh_tune(x: Path) -> list[Original]:
+    """Pictures of the fresh split's kinds that are not in it, to tune on: another sample of
+    Stellarium's nebulae and its 3D scenery's photo textures."""
+    st = x / "stellarium-data/usr/share/stellarium"
+    nebulae = sorted((st / "nebulae/default").glob("*.png"))
+    held = set(random.Random(f"{SEED}-fresh-nebulae").sample(nebulae, FRESH_NEBULAE))
+    rest = [p for p in nebulae if p not in held]
+    pics = sorted(random.Random(f"{SEED}-fresh-tune").sample(rest, 2 * FRESH_NEBULAE))
+    pics += sorted(p for p in (st / "scenery3d").rglob("*.*") if p.suffix.lower() in (".png", ".jpg"))
+    out = []
+    for p in pics:
+        with Image.open(p) as im:
+            if min(im.size) < 300:
+                continue
+        out.append(Original(f"stellarium/{p.parent.name}/{p.stem}", "stellarium-data", str(p.relative_to(st)), _load(p), [],
+                            low_texture="scenery3d" in str(p)))
+    return out
+
+
+def build_fresh(out: Path) -> None:
+    """The ``fresh`` split: every original of FRESH_PACKAGES, written like the others; and
+    ``fresh-tune``: more of its kinds of picture (none a repeat of a fresh one), to tune on."""
+    x = fetch_packages(out, FRESH_PACKAGES)
+    fresh = collect_fresh(x)
+    kept, dropped = drop_repeats(fresh + collect_fresh_tune(x))  # fresh first: it keeps what it had
+    fresh_ids = {o.oid for o in fresh}
+    for split, originals in (("fresh", [o for o in kept if o.oid in fresh_ids]),
+                             ("fresh-tune", [o for o in kept if o.oid not in fresh_ids])):
+        counts: dict[str, int] = {}
+        rows = write_split(out / split, originals, split, counts)
+        with open(out / split / "originals.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+        by_pkg: dict[str, int] = {}
+        for o in originals:
+            by_pkg[o.package] = by_pkg.get(o.package, 0) + 1
+        print(f"{split}: {sum(counts.values())} files from {len(originals)} originals {by_pkg}; "
+              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    with open(out / "fresh" / "dropped_repeats.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["dropped", "same_picture_as"], *dropped])
+    print(f"{len(dropped)} repeats dropped")
+
+
+def build_tune_small(out: Path, side: int = 512) -> None:
+    """``tune<side>``: the tune split's originals shrunk to ``side`` px, with new synthetic copies
+    (the fresh split's pictures are mostly 512 px; this is where small pictures are tuned)."""
+    x = fetch_packages(out)
+    kept = {r["original_id"] for r in csv.DictReader(open(out / "originals.csv", newline="")) if r["split"] == "tune"}
+    originals = [Original(o.oid, o.package, o.path, _shrink(o.image, side), [], o.low_texture)
+                 for o in collect_originals(x) if o.oid in kept]
+    counts: dict[str, int] = {}
+    write_split(out / f"tune{side}", originals, f"tune{side}", counts)
+    print(f"tune{side}: {sum(counts.values())} files from {len(originals)} originals")
+
+
 # ---------------------------------------------------------------- eval
 
 
@@ -902,13 +1032,31 @@ def run_ours(split_dir: Path, work: Path) -> tuple[dict[str, list[str]], dict]:
     return groups, info
 
 
+def imagededup_phash():
+    """imagededup's PHash class. imagededup 0.3.3 builds its CNN (downloading MobileNet weights)
+    when ``imagededup.methods`` is imported; offline that fails, so the hashing module is then
+    loaded on its own, the same code."""
+    try:
+        from imagededup.methods import PHash
+    except Exception:  # noqa: BLE001 - urllib's URLError, or torch's hub error
+        import types
+
+        import imagededup
+
+        for name in [m for m in sys.modules if m.startswith("imagededup.methods")]:
+            del sys.modules[name]
+        pkg = types.ModuleType("imagededup.methods")
+        pkg.__path__ = [str(Path(imagededup.__file__).parent / "methods")]
+        sys.modules["imagededup.methods"] = pkg
+        from imagededup.methods.hashing import PHash
+    return PHash
+
+
 def run_imagededup(split_dir: Path, method: str = "phash") -> tuple[set[tuple[str, str]], set[tuple[str, str]], float]:
     """imagededup on the same files, its batched API at its best configuration:
     (pairs of connected components, its raw pair list, seconds)."""
     import logging
     import time
-
-    from imagededup.methods import CNN, PHash
 
     import warnings
 
@@ -922,11 +1070,13 @@ def run_imagededup(split_dir: Path, method: str = "phash") -> tuple[set[tuple[st
     quiet()
     t0 = time.perf_counter()
     if method == "phash":
-        tool = PHash(verbose=False)
+        tool = imagededup_phash()(verbose=False)
         quiet()
         enc = tool.encode_images(image_dir=str(split_dir), recursive=True)
         dup = tool.find_duplicates(encoding_map=enc, max_distance_threshold=10)
     else:
+        from imagededup.methods import CNN
+
         tool = CNN(verbose=False)
         quiet()
         enc = tool.encode_images(image_dir=str(split_dir), recursive=True)

@@ -173,6 +173,10 @@ COMPACT_EVERY = 100
 CHECKPOINT_EVERY = 10
 RETENTION_HOURS = 7 * 24
 _RETRIES = 8
+# File statistics for image_id only (Delta's default is the first 32 columns, so every stage's
+# columns): no reader prunes on the others, and every commit replays and rewrites the statistics
+# of all files in the log (measured at 10M rows, 50-row append: 132 -> 100 ms; 5,000 rows: 173 -> 59 ms).
+PROPERTIES = {"delta.dataSkippingStatsColumns": "image_id"}
 
 
 class CatalogVersionError(JurassiclassError, ValueError):
@@ -348,6 +352,8 @@ def _write_frame(ws: Workspace, df: pl.DataFrame, *, mode: str, predicate: str |
     opts = {"partition_by": [_BUCKET], "schema_mode": "merge", "commit_properties": CommitProperties(custom_metadata={"jurassiclass": note})}
     if predicate:
         opts["predicate"] = predicate
+    if not (ws.table_path / "_delta_log").is_dir():
+        opts["configuration"] = PROPERTIES
     _committed(lambda: df.write_delta(dt if dt is not None else _table(ws), mode=mode, delta_write_options=opts), retries)
     dt = dt if dt is not None else _open(ws)  # a table written through is at the new version
     v = dt.version()
@@ -432,7 +438,11 @@ def maintain(ws: Workspace, *, retention_hours: int = RETENTION_HOURS, drain: bo
         if not _prepare(ws):
             return {}
         moved = _drain_inbox(ws, at_least=0 if drain else INBOX_MAX_ROWS)
-        leaves = _leaves(_open(ws))
+        dt = _open(ws)
+        if any(dt.metadata().configuration.get(k) != v for k, v in PROPERTIES.items()):  # a table made before them
+            dt.alter.set_table_properties(PROPERTIES)
+            _sync(ws.table_path, dt.version())
+        leaves = _leaves(dt)
         big = leaves.filter((pl.col("rows") > LEAF_MAX_ROWS) & (pl.col(_BUCKET) != INBOX))
         # In commits of about SPLIT_BATCH_ROWS rows, so that memory stays bounded (a first-layout
         # table at 10M rows is all big leaves).

@@ -433,11 +433,39 @@ def test_first_layout_table_is_split_by_use_and_maintenance(workspace, monkeypat
     monkeypatch.setattr(catalog, "SPLIT_BATCH_ROWS", 20)  # one leaf a commit: memory stays bounded
     v = catalog.version(workspace)
     assert catalog.maintain(workspace)["leaves_split"] == 2
-    assert catalog.version(workspace) == v + 2
+    assert catalog.version(workspace) == v + 3  # the table's properties, then a commit per batch
     assert max(_leaf_sizes(workspace).values()) <= 8 and len(_leaf_sizes(workspace)) >= 9
     assert catalog.read(workspace).equals(catalog.update(before, upd))
     catalog.merge(workspace, pl.DataFrame({"image_id": [ids[0]], "status": ["rejected"]}))
     assert catalog.commit_stats(workspace)["rows_added"] <= 8
+
+
+def _stats_columns(workspace, version: int) -> set[str]:
+    import json
+
+    acts = catalog._log_actions(workspace.table_path, version)
+    return {c for a in acts if "add" in a for c in json.loads(a["add"]["stats"])["minValues"]}
+
+
+def test_file_statistics_cover_image_id_only_also_on_tables_made_before(workspace):
+    """Statistics of image_id only (the log stays small as stages add columns), for new tables and,
+    once maintenance has run, for the files later commits write into a table made before the setting."""
+    ids = [f"{i:064x}" for i in range(6)]
+    old = catalog._with_hidden(catalog.ensure_columns(catalog.rows_frame([row(i) for i in ids[:3]]), catalog.SCHEMA), 1)
+    old.write_delta(str(workspace.table_path), delta_write_options={"partition_by": [catalog._BUCKET]})
+    catalog.append(workspace, catalog.rows_frame([row(ids[3])]))
+    assert {"image_id", "label", "status"} <= _stats_columns(workspace, catalog.version(workspace))
+    catalog.maintain(workspace)
+    catalog.append(workspace, catalog.rows_frame([row(ids[4])]))
+    assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id"}
+    catalog.merge(workspace, pl.DataFrame({"image_id": [ids[1]], "clip_score": [0.5]}))
+    assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id"}
+    assert catalog.read(workspace)["image_id"].to_list() == ids[:5]
+
+
+def test_new_tables_keep_statistics_of_image_id_only(workspace):
+    catalog.append(workspace, catalog.rows_frame([row(f"{i:064x}") for i in range(3)]))
+    assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id"}
 
 
 # ---------------------------------------------------------------- sightings

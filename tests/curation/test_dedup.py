@@ -593,7 +593,8 @@ def test_cell_agreement_counts_structure_present_in_one_picture_only():
     """Cells of the overlap agree when their greys correlate; a cell textured in one picture and
     flat in the other disagrees (a shared overlay over two flat pictures is not a copy), while
     brightness and contrast changes agree everywhere. Pairs whose whole overlap correlates below
-    sure_ncc need doubt_cells of their cells to agree, not min_cells."""
+    sure_ncc need doubt_cells of their cells to agree, not min_cells; with min_inliers inliers,
+    agree_cells of agreeing cells stand for the whole correlation."""
     rng = np.random.default_rng(0)
     a = cv2.GaussianBlur(rng.normal(128, 30, (100, 150)).astype(np.float32), (5, 5), 0)
     eye = np.array([[1.0, 0, 0], [0, 1.0, 0]])  # b is aligned with a
@@ -605,6 +606,11 @@ def test_cell_agreement_counts_structure_present_in_one_picture_only():
     assert dedup.cell_agreement(a, other, eye) < 0.3
     assert dedup.cell_agreement(np.full((100, 150), 90, np.float32), np.full((100, 150), 200, np.float32), eye) == 1.0
     v = dedup.Verifier([], 20)
-    assert v.accept(dedup.Match(50, 0.95, 1.0, cells=0.6))
+    assert v.accept(dedup.Match(50, 0.97, 1.0, cells=0.6))
+    assert not v.accept(dedup.Match(50, 0.95, 1.0, cells=0.6))  # two dark pictures in one window frame
     assert not v.accept(dedup.Match(50, 0.85, 1.0, cells=0.6))
     assert v.accept(dedup.Match(50, 0.85, 1.0, cells=0.8))
+    # a caption over a near-black picture: the whole overlap hardly correlates, its cells agree
+    assert v.accept(dedup.Match(50, 0.4, 1.0, cells=0.88))
+    assert not v.accept(dedup.Match(50, 0.4, 1.0, cells=0.8))
+    assert not v.accept(dedup.Match(12, 0.4, 1.0, cells=0.95))  # few inliers: the whole must correlate
