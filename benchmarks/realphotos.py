@@ -2,6 +2,8 @@
 near duplicates out (``build``), and our dedup stage vs imagededup on either split (``eval``).
 
     .venv/bin/python benchmarks/realphotos.py build [--out /work/data/realphotos]
+    .venv/bin/python benchmarks/realphotos.py build --fresh        # fresh + fresh-tune (other packages)
+    .venv/bin/python benchmarks/realphotos.py build --tune-small 512  # tune512: tune's pictures at 512 px
     .venv/bin/python benchmarks/realphotos.py eval --split tune|heldout [--no-peer] [--cnn] [--json F]
     .venv/bin/python benchmarks/realphotos.py eval --split heldout --code DIR   # e.g. a baseline:
         mkdir /tmp/base && git archive HEAD curation | tar -x -C /tmp/base
@@ -23,6 +25,12 @@ backgrounds (low-texture: gradients, stripes, soft waves). Package variants are 
 duplicates: the same wallpaper shipped at several resolutions, and the light/dark recolourings of
 one design. Originals are split by ORIGINAL (seed 13) into tune and heldout, so no picture has
 copies in both. Thresholds may be tuned on ``tune`` only; report ``heldout``.
+
+``fresh`` is a second held-out split from packages none of the above came from (Stellarium,
+scikit-image, Krita, digiKam, Xfce, LXDE, GRUB: see FRESH_PACKAGES), built once ``heldout`` had
+been looked at too often to stay unbiased; ``fresh-tune`` holds more pictures of its kinds (other
+telescope photos, Stellarium's 3D-scenery textures), none a repeat of a fresh one, to tune on.
+Report ``fresh``; tune on ``tune``, ``tune<SIDE>`` and ``fresh-tune``.
 
 Layout written under OUT (default /work/data/realphotos, not committed):
   {tune,heldout}/<class>/<opaque name>.jpg   (class folders c0..c3, so a folder source ingests them)
