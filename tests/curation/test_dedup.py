@@ -452,6 +452,19 @@ def test_a_portrait_letterboxed_into_a_wide_frame_hashes_like_the_original(tmp_p
     assert int(np.bitwise_count(dedup.hex_to_u64([ha])[0] ^ dedup.hex_to_u64([hb])[0])) <= 6
 
 
+def test_margins_are_trimmed_evenly_so_a_padded_copy_and_its_original_keep_the_same_picture():
+    """Black reaching the edges unevenly (a night sky) is cut by the same width from both sides:
+    padding the picture by 20 px a side then cuts exactly 20 px more."""
+    rng = np.random.default_rng(3)
+    pic = np.zeros((120, 100), np.float32)
+    pic[10:90, :] = rng.uniform(40, 200, (80, 100))  # black: 10 rows above, 30 below
+    assert dedup.margin_box(pic) == (0, 10, 100, 110)
+    padded = np.zeros((160, 100), np.float32)
+    padded[20:140] = pic
+    assert dedup.margin_box(padded) == (0, 30, 100, 130)
+    assert np.array_equal(padded[30:130], pic[10:110])
+
+
 def test_geometry_vetoes_unrelated_pictures_with_alike_layouts(tmp_path):
     """Same coarse layout (one smooth low-frequency field), different fine content: the layout
     family proposes the pair, ORB + RANSAC finds no common geometry."""
