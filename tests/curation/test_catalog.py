@@ -468,6 +468,25 @@ def test_new_tables_keep_statistics_of_image_id_only(workspace):
     assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id"}
 
 
+def test_a_table_made_again_at_the_same_path_is_not_caught_up_from_the_old_one(workspace):
+    """Commits keep the table open between calls; a catalog deleted and made again by someone else
+    (up to the same version) is opened afresh, so a merge sees the new table's rows."""
+    import shutil
+
+    old = [f"{i:064x}" for i in range(3)]
+    catalog.append(workspace, catalog.rows_frame([row(i) for i in old[:2]]))
+    catalog.append(workspace, catalog.rows_frame([row(old[2])]))
+    assert catalog.version(workspace) == 1
+    shutil.rmtree(workspace.table_path)
+    new = [f"{i + 100:064x}" for i in range(2)]
+    for k, i in enumerate(new):  # versions 0 and 1 of another table, written outside this process's commits
+        frame = catalog._with_hidden(catalog.ensure_columns(catalog.rows_frame([row(i)]), catalog.SCHEMA), k + 1, inbox=True)
+        frame.write_delta(str(workspace.table_path), mode="append", delta_write_options={"partition_by": [catalog._BUCKET]})
+    assert catalog.merge(workspace, pl.DataFrame({"image_id": [new[1]], "status": ["accepted"]})) == 1
+    got = catalog.read(workspace)
+    assert got["image_id"].to_list() == new and got["status"].to_list() == ["candidate", "accepted"]
+
+
 # ---------------------------------------------------------------- sightings
 
 
