@@ -38,7 +38,9 @@ the stage). Candidate pairs come from several families, and every pair is verifi
   different pictures under one overlay (login previews of two themes, a logo, a caption block),
   all inliers on the overlay, while the rest of the overlap disagrees; only where the pictures
   are near-flat is the overlay most of what is compared (see the held-out figures below).
-  Features are computed once per image per run, only for images in candidate pairs.
+  Features are computed once per image per run, only for images in candidate pairs, and at most
+  20,000 images' are kept (~2.6 GB): beyond that, pairs are verified in chunks by first image and
+  dropped features recomputed (~5 ms an image) when a later pair needs them again.
 
 Grouping has no chaining. Images are ranked (a human-accepted image, else one not rejected for
 another reason; then resolution of the picture inside its margins in steps of 25%, then the most
@@ -111,6 +113,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -919,6 +922,9 @@ def cell_agreement(da: np.ndarray, db: np.ndarray, M: np.ndarray) -> float:
     return float((r >= _CELL_NCC).mean())
 
 
+# Verification keeps at most this many images' features (~130 kB each: ~2.6 GB).
+_MAX_FEATURES = 20_000
+
 # Intensity alignment is tried on pairs without keypoint geometry whose 8x8 layouts correlate
 # this much, and accepted when the aligned overlap correlates >= _ECC_NCC (tune split: unrelated
 # candidates <= 0.933, copies of stripes and smooth shapes 0.958-1.0).
@@ -993,13 +999,17 @@ class Verifier:
 
     def __init__(self, paths: Sequence[Path], min_inliers: int, *, min_ncc: float = 0.6, few_inliers: int = 8,
                  flat_ncc: float = 0.9, min_overlap: float = 0.5, min_cells: float = 0.5, doubt_cells: float = 0.8,
-                 sure_ncc: float = 0.96, agree_cells: float = 0.84, record: bool = False):
+                 sure_ncc: float = 0.96, agree_cells: float = 0.84, record: bool = False,
+                 max_features: int = _MAX_FEATURES):
         self.paths = paths
         self.min_cells, self.doubt_cells, self.sure_ncc, self.agree_cells = min_cells, doubt_cells, sure_ncc, agree_cells
         self.min_inliers = min_inliers
         self.min_ncc, self.few_inliers, self.flat_ncc = min_ncc, few_inliers, flat_ncc
         self.min_overlap = min_overlap
-        self.features: dict[tuple[int, bool], Features] = {}
+        # Features of the images of recent pairs, least recently used first; at most max_features
+        # (~130 kB each), so memory stays bounded at any catalog size (`verify`).
+        self.features: OrderedDict[tuple[int, bool], Features] = OrderedDict()
+        self.max_features = max(2, max_features)
         # with ``record``: every pair verified -> its Match (for diagnostics; off at scale)
         self.record = record
         self.matches: dict[tuple[int, int, bool], Match] = {}
@@ -1026,20 +1036,47 @@ class Verifier:
         return m.ncc >= (self.min_ncc if m.inliers >= self.min_inliers else self.flat_ncc)
 
     def verify(self, pairs: np.ndarray, mirror: np.ndarray, *, show: bool = False) -> np.ndarray:
-        """Bool per pair: accepted (see the class); ``mirror`` (bool per pair): match i against j mirrored."""
-        keys = {(int(i), False) for i in pairs[:, 0]} | {(int(j), bool(m)) for j, m in zip(pairs[:, 1], mirror)}
+        """Bool per pair: accepted (see the class); ``mirror`` (bool per pair): match i against j mirrored.
+
+        Pairs are taken in order of their first image, in chunks whose images' features fit in
+        ``max_features``: features of a chunk are computed (on threads) or reused, then the oldest
+        others are dropped. A catalog bigger than that recomputes some features (~5 ms an image)
+        rather than holding all of them (~130 GB at 1M images)."""
+        out = np.zeros(len(pairs), bool)
+        order = np.lexsort((pairs[:, 1], pairs[:, 0])) if len(pairs) else np.empty(0, np.int64)
+        start = 0
+        while start < len(order):
+            chunk_keys: set[tuple[int, bool]] = set()
+            stop = start
+            while stop < len(order):
+                k = order[stop]
+                new = {(int(pairs[k, 0]), False), (int(pairs[k, 1]), bool(mirror[k]))} - chunk_keys
+                if chunk_keys and len(chunk_keys) + len(new) > self.max_features:
+                    break
+                chunk_keys |= new
+                stop += 1
+            idx = order[start:stop]
+            self._load(chunk_keys, show)
+            out[idx] = list(progress_map(lambda k: self._one(pairs, mirror, int(k)), idx, description="dedup: match", show=False))
+            start = stop
+        return out
+
+    def _load(self, keys: set[tuple[int, bool]], show: bool) -> None:
+        """Features of ``keys`` in the cache, most recently used; the oldest others dropped."""
         todo = sorted(keys - self.features.keys())
+        for key in keys & self.features.keys():
+            self.features.move_to_end(key)
+        while self.features and len(self.features) + len(todo) > self.max_features:
+            self.features.popitem(last=False)
         for key, f in zip(todo, progress_map(self._feat, todo, description="dedup: verify", show=show)):
             self.features[key] = f
 
-        def one(k: int) -> bool:
-            i, j, mi = int(pairs[k, 0]), int(pairs[k, 1]), bool(mirror[k])
-            m = match_pair(self.features[(i, False)], self.features[(j, mi)])
-            if self.record:
-                self.matches[(i, j, mi)] = m
-            return self.accept(m)
-
-        return np.array(list(progress_map(one, range(len(pairs)), description="dedup: match", show=False)), bool)
+    def _one(self, pairs: np.ndarray, mirror: np.ndarray, k: int) -> bool:
+        i, j, mi = int(pairs[k, 0]), int(pairs[k, 1]), bool(mirror[k])
+        m = match_pair(self.features[(i, False)], self.features[(j, mi)])
+        if self.record:
+            self.matches[(i, j, mi)] = m
+        return self.accept(m)
 
 
 def group_by_representative(

@@ -208,3 +208,30 @@ def test_padding_bars_are_not_compared_as_content(tmp_path):
     assert "letterbox black" in how
     ok, m = _verify(tmp_path, border, pad)
     assert ok and m.ncc >= 0.9, m
+
+
+def test_verification_holds_at_most_max_features_and_decides_the_same(tmp_path):
+    """A feature cache smaller than the pairs' images (a catalog too big to keep every image's
+    features) recomputes what it dropped and accepts exactly the pairs an unbounded one does."""
+    photos = _photos("photo")[:4]
+    paths = []
+    for k, (_, im) in enumerate(photos):
+        for kind in ("orig", "hflip", "crop5_all"):
+            copy = im if kind == "orig" else realphotos.apply(kind, im, random.Random(k))[0]
+            paths.append(tmp_path / f"{k}_{kind}.jpg")
+            paths[-1].write_bytes(support.encode(copy, "JPEG", quality=90))
+    pairs = np.array([(i, j) for i in range(len(paths)) for j in range(i + 1, len(paths))], np.int64)
+    mirror = np.array([("hflip" in paths[i].name) != ("hflip" in paths[j].name) for i, j in pairs])
+    seen = []
+
+    class Watched(dedup.Verifier):
+        def _one(self, pairs, mirror, k):
+            seen.append(len(self.features))
+            return super()._one(pairs, mirror, k)
+
+    full = dedup.Verifier(paths, 20).verify(pairs, mirror)
+    small = Watched(paths, 20, max_features=4)
+    assert np.array_equal(small.verify(pairs, mirror), full)
+    assert max(seen) <= 4 and len(seen) == len(pairs)
+    same = [paths[i].name.split("_")[0] == paths[j].name.split("_")[0] for i, j in pairs]
+    assert full[np.array(same)].all() and not full[~np.array(same)].any()
