@@ -213,6 +213,13 @@ class DedupSettings(_Strict):
         0.8, ge=-1.0, le=1.0, description="layout family, mirrored queries (flips): min correlation of 8x8 thumbnails"
     )
     layout_k: int = Field(8, ge=1, le=64, description="layout family: neighbours searched per image (and per mirrored image)")
+    keypoints: bool = Field(
+        True, description="candidate family: images sharing ORB descriptors (frames, captions, pads over dark or flat pictures)"
+    )
+    keypoint_max_images: int = Field(
+        100_000, ge=0,
+        description="keypoint family: runs when at most this many images are hashed (its search costs ~6 ms an image at 10k, growing)",
+    )
     embeddings: bool = Field(True, description="candidate family: CLIP embedding neighbours, when the score stage has cached embeddings")
     embedding_min_cos: float = Field(0.9, ge=-1.0, le=1.0, description="embedding family: min cosine similarity")
     embedding_k: int = Field(8, ge=1, le=64, description="embedding family: neighbours searched per image")

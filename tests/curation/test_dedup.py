@@ -429,7 +429,7 @@ def test_region_hashes_find_crops_borders_and_flips(tmp_path):
     assert 4 not in direct and 4 not in mirrored
 
     def found(**kw):
-        s = manifest_for(tmp_path, layout=False, embeddings=False, **kw).dedup
+        s = manifest_for(tmp_path, layout=False, embeddings=False, keypoints=False, **kw).dedup
         pairs, fam = dedup.find_pairs(h, th, paths, s)
         return {tuple(map(int, q)) for q in pairs}, fam
 
@@ -491,7 +491,7 @@ def test_embedding_candidates_are_used_when_a_clip_cache_exists(tmp_path, worksp
     root = tmp_path / "tree"
     im = _scene(61, (400, 300))
     support.write(root / "cat" / "orig.jpg", support.encode(im, "JPEG", quality=92))
-    # cropped and brightened: far in pHash; layouts off below, so only embeddings can propose it
+    # cropped and brightened: far in pHash; layouts and keypoints off below, so only embeddings can propose it
     copy = ImageEnhance.Brightness(im.crop((40, 30, 360, 270))).enhance(1.3)
     support.write(root / "cat" / "copy.jpg", support.encode(copy, "JPEG", quality=85))
     for s in range(70, 74):
@@ -503,7 +503,7 @@ def test_embedding_candidates_are_used_when_a_clip_cache_exists(tmp_path, worksp
             "sources": [{"type": "folder", "path": str(root), "license": "cc-by"}],
             "clip": {"model": TINY, "pretrained": str(tiny_clip[1]), "model_config_path": str(tiny_clip[0]),
                      "workers": 0, "batch_size": 4, "device": "cpu", "plots": False},
-            "dedup": {"threshold": 0, "layout": False, "embedding_min_cos": -1.0, **dd},
+            "dedup": {"threshold": 0, "layout": False, "keypoints": False, "embedding_min_cos": -1.0, **dd},
         })
 
     m = manifest()

@@ -235,3 +235,38 @@ def test_verification_holds_at_most_max_features_and_decides_the_same(tmp_path):
     assert max(seen) <= 4 and len(seen) == len(pairs)
     same = [paths[i].name.split("_")[0] == paths[j].name.split("_")[0] for i, j in pairs]
     assert full[np.array(same)].all() and not full[~np.array(same)].any()
+
+
+def _dark(im: Image.Image) -> Image.Image:
+    """The photo as a night-sky picture: mostly black, its structure faint."""
+    g = np.asarray(im.convert("L"), np.float32)
+    return Image.fromarray(np.clip((g - 90) * 0.35, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_keypoint_family_pairs_framed_and_captioned_copies_of_dark_pictures(tmp_path, monkeypatch, exact):
+    """A screenshot frame or a caption over a near-black picture is most of what its hash and
+    layout see; its keypoints are still the picture's. The family pairs copies (through exact and
+    HNSW search alike); what it proposes is verified like any candidate. Off with keypoints: false."""
+    if not exact:
+        monkeypatch.setattr(dedup, "_KP_EXACT", 0)
+    photos = [_dark(im) for _, im in _photos("photo")[:3]]
+    pics = []
+    for k, im in enumerate(photos):
+        pics += [im, realphotos.apply("border", im, random.Random(k))[0], realphotos.apply("text", im, random.Random(k))[0]]
+    paths = []
+    for k, pic in enumerate(pics):
+        paths.append(tmp_path / f"{k}.jpg")
+        paths[-1].write_bytes(support.encode(pic, "JPEG", quality=90))
+    v = dedup.Verifier(paths, 20)
+    found = {tuple(map(int, q)) for q in dedup.keypoint_pairs(v.descriptors(range(len(paths))))}
+    copies = {(3 * k + a, 3 * k + b) for k in range(3) for a, b in ((0, 1), (0, 2), (1, 2))}
+    assert len(found & copies) >= 5 and all({(3 * k, 3 * k + 1), (3 * k, 3 * k + 2)} & found for k in range(3))
+    hx, sigs = zip(*(dedup.hash_image(p) for p in paths))
+    on, fam = dedup.find_pairs(dedup.hex_to_u64(list(hx)), dedup.thumbs_to_array(list(sigs)), paths,
+                               DedupSettings(embeddings=False))
+    # candidates may join two captions (same words); verification keeps only copies
+    assert fam["keypoints"]["candidates"] >= 1 and all(i // 3 == j // 3 for i, j in on)
+    _, off = dedup.find_pairs(dedup.hex_to_u64(list(hx)), dedup.thumbs_to_array(list(sigs)), paths,
+                              DedupSettings(embeddings=False, keypoints=False))
+    assert "keypoints" not in off
