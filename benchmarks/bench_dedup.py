@@ -256,7 +256,7 @@ def bench_realphotos(split: str = "heldout") -> dict | None:
 def _signals_off() -> dict:
     """Settings that turn the added signals off (the stage as it was: hash + thumbnail guard)."""
     fields = DedupSettings.model_fields
-    off = {"regions": False, "layout": False, "embeddings": False, "strong_bits": DedupSettings().threshold}
+    off = {"regions": False, "layout": False, "keypoints": False, "embeddings": False, "strong_bits": DedupSettings().threshold}
     return {k: v for k, v in off.items() if k in fields}
 
 
