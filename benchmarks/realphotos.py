@@ -547,7 +547,6 @@ def write_split(d: Path, originals: list[Original], split: str, counts: dict[str
     return rows
 
 
-
 def build(out: Path, *, dup_share: float = 0.75, k_min: int = 3, k_max: int = 6) -> None:
     x = fetch_packages(out)
     originals = collect_originals(x)
