@@ -237,7 +237,9 @@ def test_flickr_licences_from_getinfo_filters_reach_the_search_and_calls_are_pac
     assert methods == {"flickr.photos.licenses.getInfo": 1, "flickr.photos.search": 2, "flickr.photos.getSizes": 2}
     assert s.api_calls == {"127.0.0.1": 5}
     t = svc.times["/flickr/services/rest/"]
-    assert min(b - a for a, b in zip(t, t[1:])) >= 0.24  # paced: 3,600 calls an hour at the default 1 s
+    # paced (3,600 calls an hour at the default 1 s); the stub stamps arrivals, which jitter by a few ms
+    # against the pacer's send clock (CI once saw 0.2398), while unpaced calls arrive about 1 ms apart
+    assert min(b - a for a, b in zip(t, t[1:])) >= 0.2
     assert FLICKR_KEY not in (workspace.root / "stages" / "scrape" / "journal.jsonl").read_text()
     assert FLICKR_KEY not in json.dumps(json.loads((workspace.root / "stages" / "scrape" / "summary.json").read_text()))
 
