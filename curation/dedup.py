@@ -47,14 +47,18 @@ the stage). Candidate pairs come from several families, and every pair is verifi
   20,000 images' are kept (~2.6 GB): beyond that, pairs are verified in chunks by first image and
   dropped features recomputed (~5 ms an image) when a later pair needs them again.
 
-Grouping has no chaining. Images are ranked (a human-accepted image, else one not rejected for
-another reason; then resolution of the picture inside its margins in steps of 25%, then the most
-verified matches, so among same-size copies the original beats its q25 or captioned copy; then
-pixels, the freest licence, earliest retrieval). The best-ranked image with unassigned matches
-becomes a representative and takes exactly the images that matched IT (`star_groups`): A~B and
-B~C put C in A's group only if A~C was verified too. A copy that matched a member but not the
-representative is verified against the representative directly (`group_by_representative`), and
-joins only if that passes. The candidates among the non-representatives become
+Grouping has no chaining; it is star clustering. Images are ranked as centres (a human-accepted
+image, else one not rejected for another reason; then the most verified matches, then resolution
+of the picture inside its margins). The best-ranked image with unassigned matches becomes a
+group's centre and takes exactly the images that matched IT (`star_groups`): A~B and B~C put C in
+A's group only if A~C was verified too. The most-matched image first, not the largest: a framed or
+padded copy is often the largest, and a rotated or captioned copy that matches the original may
+not match it (on the tune splits, largest-first left such copies out: fresh-tune recall 0.940,
+most-matched first 0.991). A copy that matched a member but not the centre is verified against the
+centre directly (`group_by_representative`), and joins only if that passes. In each group, the
+image kept is ranked apart (`_rank_frame`: resolution within 2% of the group's best, then
+matches inside the group, then the unpadded copy, pixels, the freest licence, earliest
+retrieval); ``dup_group`` is its image_id. The candidates among the others become
 ``rejected/duplicate`` with ``dup_of``. A group whose images carry more than one label (catalog
 label or any sighting, so the same bytes found under two labels count too) is a label conflict:
 flagged for review, not resolved; each of its labels keeps its best image.
@@ -64,7 +68,7 @@ published test split (catalog ``split``/``published_version``) gets ``leak_of`` 
 publish then puts it in test, never train (see curation/publish.py assign_splits).
 
 Columns added: ``phash`` (hex of the 64-bit hash of kind ``hash_kind``: phash, dhash or whash;
-a change of kind re-hashes), ``hash_kind``, ``dup_group`` (representative's image_id, on every
+a change of kind re-hashes), ``hash_kind``, ``dup_group`` (image_id of the group's best image, on every
 member of a group of two or more: use it as the group key for group-aware folds so duplicates
 never straddle train/validation), ``dup_of`` (the image kept for the same label, on the others),
 ``label_conflict`` (bool), ``leak_of``. Under ``stages/dedup/``: groups.parquet/csv,
@@ -1421,16 +1425,24 @@ def _labels_per_image(df: pl.DataFrame, ws: Workspace) -> pl.DataFrame:
     return both.unique().group_by("image_id").agg(pl.col("label").sort().alias("labels"))
 
 
-# Resolutions within this factor count as one when choosing a representative.
-_RESOLUTION_STEP = 1.25
+# Resolutions within this factor of the best in a group count as the best when choosing the image kept:
+# the same picture size (a padded copy's share inside its margins is stored to 1/255). Wider, and a
+# 4% crop that happens to have more matches would be kept over its original.
+_RESOLUTION_STEP = 1.02
 
 
-def _rank_frame(members: pl.DataFrame) -> pl.DataFrame:
-    """Sort key for choosing representatives: accepted (human-reviewed) first, then images not
+def _rank_frame(members: pl.DataFrame, *, centres: bool = False) -> pl.DataFrame:
+    """Sort key, per ``_comp``, for the image kept: accepted (human-reviewed) first, then images not
     rejected for another reason, then resolution of the picture inside uniform margins (in steps
-    of 25%), then the most verified matches (``_degree``: among same-size copies, the original is
-    the one its copies match: not the JPEG q25, captioned or brightened one), then pixels, the
-    freest licence (licenses.openness), earliest retrieval."""
+    of 2% down from the best in the group), then the most verified matches (``_degree``: among
+    copies of about the best size, the original is the one its copies match: not the JPEG q25,
+    captioned, framed or brightened one), then the share of the image inside its margins (the
+    unpadded copy), then pixels, the freest licence (licenses.openness), earliest retrieval.
+
+    ``centres``: the order in which `star_groups` picks group centres: the most verified matches
+    before resolution (star clustering's centre). A framed or padded copy is often the largest
+    image, yet a rotated or captioned copy that matches the original may not match it; taken
+    first, it would split the group."""
     from curation.licenses import normalise_license, openness
 
     lic_ok = [openness(normalise_license(x)) for x in members["license"].to_list()]
@@ -1445,12 +1457,13 @@ def _rank_frame(members: pl.DataFrame) -> pl.DataFrame:
     return members.with_columns(
         (status == Status.accepted.value).alias("_accepted"),
         usable.fill_null(False).alias("_usable"),
-        (content.log() / np.log(_RESOLUTION_STEP)).floor().cast(pl.Int64).alias("_res"),
+        ((content / content.max().over("_comp")).log() / np.log(_RESOLUTION_STEP)).ceil().cast(pl.Int64).alias("_res"),
         pixels.alias("_pixels"),
         pl.Series("_lic", lic_ok, dtype=pl.Int16),
     ).sort(
-        ["_comp", "_accepted", "_usable", "_res", "_degree", "_pixels", "_lic", "retrieved_at", "image_id"],
-        descending=[False, True, True, True, True, True, True, False, False],
+        ["_comp", "_accepted", "_usable", *(["_degree", "_res"] if centres else ["_res", "_degree"]),
+         "_content", "_pixels", "_lic", "retrieved_at", "image_id"],
+        descending=[False, True, True, True, True, True, True, True, False, False],
         nulls_last=True,
     )
 
@@ -1505,14 +1518,19 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, dask_a
         hashed = hashed.with_columns(
             pl.Series("_content", th[:, _SIG - 2].astype(np.float64) / 255.0), pl.Series("_degree", degree.astype(np.int64))
         )
-        order = _rank_frame(hashed.with_row_index("_idx").with_columns(pl.lit(0).alias("_comp")))["_idx"].to_numpy()
+        order = _rank_frame(hashed.with_row_index("_idx").with_columns(pl.lit(0).alias("_comp")), centres=True)["_idx"].to_numpy()
         comp, pairs, (proposed, added) = group_by_representative(order.astype(np.int64), hashed.height, pairs, verifier)
         if proposed:
             summary.families["representative"] = {"candidates": proposed, "accepted": added}
         summary.accepted_pairs = len(pairs)
         summary.search_s = round(time.perf_counter() - t0, 3)
 
-        members = hashed.with_columns(pl.Series("_comp", comp, dtype=pl.Int64)).filter(pl.col("_comp") >= 0)
+        # the image kept counts only the matches inside its own group
+        inside = pairs[(comp[pairs[:, 0]] >= 0) & (comp[pairs[:, 0]] == comp[pairs[:, 1]])] if len(pairs) else pairs
+        degree = np.bincount(inside.ravel(), minlength=hashed.height) if len(inside) else np.zeros(hashed.height, np.int64)
+        members = hashed.with_columns(
+            pl.Series("_comp", comp, dtype=pl.Int64), pl.Series("_degree", degree.astype(np.int64))
+        ).filter(pl.col("_comp") >= 0)
         labels = _labels_per_image(df, ws)
         review = df if "review_decision" in df.columns else df.with_columns(pl.lit(None, dtype=pl.Utf8).alias("review_decision"))
         decided = _decide(members.drop("sig"), labels, review)
