@@ -4,6 +4,7 @@ near duplicates out (``build``), and our dedup stage vs imagededup on either spl
     .venv/bin/python benchmarks/realphotos.py build [--out /work/data/realphotos]
     .venv/bin/python benchmarks/realphotos.py build --fresh        # fresh + fresh-tune (other packages)
     .venv/bin/python benchmarks/realphotos.py build --tune-small 512  # tune512: tune's pictures at 512 px
+    .venv/bin/python benchmarks/realphotos.py build --fresh2       # fresh2 (yet other packages; after the others)
     .venv/bin/python benchmarks/realphotos.py eval --split tune|heldout [--no-peer] [--cnn] [--json F]
     .venv/bin/python benchmarks/realphotos.py eval --split heldout --code DIR   # e.g. a baseline:
         mkdir /tmp/base && git archive HEAD curation | tar -x -C /tmp/base
@@ -31,6 +32,10 @@ scikit-image, Krita, digiKam, Xfce, LXDE, GRUB: see FRESH_PACKAGES), built once 
 been looked at too often to stay unbiased; ``fresh-tune`` holds more pictures of its kinds (other
 telescope photos, Stellarium's 3D-scenery textures), none a repeat of a fresh one, to tune on.
 Report ``fresh``; tune on ``tune``, ``tune<SIDE>`` and ``fresh-tune``.
+
+``fresh2`` is a third held-out split (Enlightenment, LXQt, FVWM-Crystal, XPlanet, Kanagram, Tux
+Paint: see FRESH2_PACKAGES), built once ``fresh`` had been looked at four times; a picture that
+repeats one of any other split is dropped. It has no tuning twin: report it, never tune on it.
 
 Layout written under OUT (default /work/data/realphotos, not committed):
   {tune,heldout}/<class>/<opaque name>.jpg   (class folders c0..c3, so a folder source ingests them)
@@ -643,12 +648,13 @@ def main() -> None:
     b = sub.add_parser("build", help="download the packages and write the two splits")
     b.add_argument("--out", type=Path, default=DEFAULT_OUT)
     b.add_argument("--fresh", action="store_true", help="write only the fresh held-out split (other packages)")
+    b.add_argument("--fresh2", action="store_true", help="write only the third held-out split (yet other packages)")
     b.add_argument("--tune-small", type=int, metavar="SIDE", help="write only tune<SIDE>: the tune originals at SIDE px")
     f = sub.add_parser("fixtures", help="write the committed test fixtures (tune split) from a build")
     f.add_argument("--out", type=Path, default=DEFAULT_OUT)
     e = sub.add_parser("eval", help="our dedup stage vs imagededup on one split")
     e.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    e.add_argument("--split", required=True, help="tune, heldout, fresh or tune<SIDE>")
+    e.add_argument("--split", required=True, help="tune, heldout, fresh, fresh2 or tune<SIDE>")
     e.add_argument("--no-peer", action="store_true", help="skip imagededup")
     e.add_argument("--cnn", action="store_true", help="also try imagededup's CNN (needs its weights)")
     e.add_argument("--examples", type=int, default=10, help="false pairs to print")
@@ -665,7 +671,7 @@ def main() -> None:
         if a.tune_small:
             build_tune_small(a.out, a.tune_small)
         else:
-            build_fresh(a.out) if a.fresh else build(a.out)
+            build_fresh2(a.out) if a.fresh2 else build_fresh(a.out) if a.fresh else build(a.out)
         return
     if a.cmd == "fixtures":
         write_fixtures(a.out)
@@ -921,6 +927,95 @@ def build_fresh(out: Path) -> None:
     with open(out / "fresh" / "dropped_repeats.csv", "w", newline="") as f:
         csv.writer(f).writerows([["dropped", "same_picture_as"], *dropped])
     print(f"{len(dropped)} repeats dropped")
+
+
+# ---------------------------------------------------------------- third held-out split
+
+# ``fresh2``: built once ``fresh`` had been looked at four times, from packages no other split
+# uses: Enlightenment's photo backgrounds (forests, flowers, mountains, lanterns; JPEGs inside its
+# .edj files, the largest of the sizes each ships), LXQt's wallpapers (photos and drawn designs),
+# FVWM-Crystal's wallpapers, XPlanet's Earth and Sun maps, Kanagram's background, and Tux Paint's
+# photo stamps (fruit, animals, tools, cut out; on white, as product photos are). Pictures that
+# repeat one of any other split are dropped. Nothing is tuned on it; evaluate it once.
+FRESH2_PACKAGES = ["enlightenment-data", "lxqt-themes", "fvwm-crystal", "xplanet-images", "kanagram",
+                   "tuxpaint-stamps-default"]
+
+
+def carve_jpegs(path: Path) -> list[Image.Image]:
+    """The JPEG images stored whole inside a container file (an Enlightenment .edj)."""
+    import io
+
+    b, out, i = path.read_bytes(), [], 0
+    while (i := b.find(b"\xff\xd8\xff", i)) >= 0:
+        try:
+            with Image.open(io.BytesIO(b[i:])) as im:
+                im.draft("RGB", (MAX_SIDE, MAX_SIDE))
+                out.append(_shrink(im))
+        except (OSError, SyntaxError):  # a marker inside compressed data, not an image
+            pass
+        i += 3
+    return out
+
+
+def collect_fresh2(x: Path) -> list[Original]:
+    out: list[Original] = []
+
+    def add(oid: str, package: str, root: Path, p: Path, im: Image.Image | None = None) -> None:
+        if im is None:
+            with Image.open(p) as f:
+                if min(f.size) < 300:  # icons, sprites and thumbnails
+                    return
+            im = _load(p)
+        out.append(Original(oid, package, str(p.relative_to(root)), im, []))
+
+    en = x / "enlightenment-data/usr/share/enlightenment/data/backgrounds"
+    for p in sorted(en.glob("*.edj")):
+        ims = carve_jpegs(p)  # one picture in several sizes: the largest (already shrunk to MAX_SIDE)
+        if ims:
+            add(f"enlightenment/{p.stem}", "enlightenment-data", x / "enlightenment-data", p,
+                max(ims, key=lambda im: im.size[0] * im.size[1]))
+    for pkg, d in (("lxqt-themes", "usr/share/lxqt/wallpapers"), ("fvwm-crystal", "usr/share/fvwm-crystal/fvwm/wallpapers"),
+                   ("xplanet-images", "usr/share/xplanet/images"), ("kanagram", "usr/share/kanagram/ui/images")):
+        for p in sorted((x / pkg / d).glob("*")):
+            if p.suffix.lower() in (".jpg", ".png") and p.name != "chalkboard.png":  # chalkboard: a blank frame
+                add(f"{pkg}/{p.stem}", pkg, x / pkg, p)
+    tp = x / "tuxpaint-stamps-default/usr/share/tuxpaint/stamps"
+    for p in sorted(tp.rglob("*.png")):
+        rel = p.relative_to(tp)
+        if "cartoon" not in rel.parts and rel.parts[0] != "symbols":  # drawings, not photos
+            add(f"tuxpaint/{rel.with_suffix('')}", "tuxpaint-stamps-default", x / "tuxpaint-stamps-default", p)
+    return out
+
+
+def split_originals(split_dir: Path) -> list[Original]:
+    """A written split's originals, read back from its files (for the repeat check across splits)."""
+    with open(split_dir / "truth.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["transform"] == "orig"]
+    return [Original(r["original_id"], "", r["file"], _load(split_dir / r["file"]), []) for r in rows]
+
+
+def build_fresh2(out: Path) -> None:
+    x = fetch_packages(out, FRESH2_PACKAGES)
+    new = collect_fresh2(x)
+    old = [o for split in ("tune", "heldout", "fresh", "fresh-tune") if (out / split / "truth.csv").exists()
+           for o in split_originals(out / split)]
+    kept, dropped = drop_repeats(old + new)  # the other splits first: a repeat is dropped from fresh2
+    ids = {o.oid for o in new}
+    originals = [o for o in kept if o.oid in ids]
+    counts: dict[str, int] = {}
+    rows = write_split(out / "fresh2", originals, "fresh2", counts)
+    with open(out / "fresh2" / "originals.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    with open(out / "fresh2" / "dropped_repeats.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["dropped", "same_picture_as"], *[d for d in dropped if d[0] in ids]])
+    by_pkg: dict[str, int] = {}
+    for o in originals:
+        by_pkg[o.package] = by_pkg.get(o.package, 0) + 1
+    print(f"fresh2: {sum(counts.values())} files from {len(originals)} originals {by_pkg} "
+          f"({sum(d[0] in ids for d in dropped)} repeats of other splits dropped); "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
 def build_tune_small(out: Path, side: int = 512) -> None:
