@@ -866,6 +866,7 @@ class Match:
     overlap: float = 0.0
     ecc: bool = False  # aligned by intensity (`ecc_alignment`), no keypoint geometry
     cells: float = 0.0  # share of the overlap's textured cells that agree (`cell_agreement`)
+    aniso: float = 1.0  # ECC's affine warp: its larger scale over its smaller (1: a similarity)
 
 
 def _similarity(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[int, np.ndarray | None]:
@@ -987,6 +988,11 @@ _MAX_FEATURES = 20_000
 # candidates <= 0.933, copies of stripes and smooth shapes 0.958-1.0).
 _ECC_MIN_LAYOUT = 0.8
 _ECC_NCC = 0.955
+# ECC fits an affine warp when the sizes differ; a copy's is a similarity (a one-sided 10% crop
+# changes the aspect by 1.11 at most), while an affine warp can stretch one smooth picture onto
+# another (a sky over a hillside onto a sky over mountains). Tune splits: copies accepted by ECC
+# <= 1.155, different pictures aligned to >= 0.955: 1.30-2.2 (or 1.0, which the cells refuse).
+_ECC_MAX_ANISO = 1.2
 
 
 def _area_resize(g: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -1032,7 +1038,8 @@ def match_pair(a: Features, b: Features) -> Match:
             return Match()
     ncc, overlap = warped_content(ca, cb, M)
     cells = cell_agreement(a[3].astype(np.float32), b[3].astype(np.float32), M)
-    return Match(inl, ncc, overlap, ecc=ecc, cells=cells)
+    sv = np.linalg.svd(M[:, :2], compute_uv=False)
+    return Match(inl, ncc, overlap, ecc=ecc, cells=cells, aniso=float(sv[0] / max(sv[1], 1e-9)))
 
 
 class Verifier:
@@ -1085,7 +1092,7 @@ class Verifier:
         if m.overlap < self.min_overlap or m.cells < (self.min_cells if m.ncc >= self.sure_ncc else self.doubt_cells):
             return False
         if m.ecc:
-            return m.ncc >= _ECC_NCC
+            return m.ncc >= _ECC_NCC and m.aniso <= _ECC_MAX_ANISO
         if m.inliers < self.few_inliers:
             return False
         if m.inliers >= self.min_inliers and m.cells >= self.agree_cells:
