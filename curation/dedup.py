@@ -867,6 +867,7 @@ class Match:
     ecc: bool = False  # aligned by intensity (`ecc_alignment`), no keypoint geometry
     cells: float = 0.0  # share of the overlap's textured cells that agree (`cell_agreement`)
     aniso: float = 1.0  # ECC's affine warp: its larger scale over its smaller (1: a similarity)
+    scale: float = 1.0  # ECC's warp: geometric mean of its scales (both pictures' content at one width)
 
 
 def _similarity(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[int, np.ndarray | None]:
@@ -993,6 +994,10 @@ _ECC_NCC = 0.955
 # another (a sky over a hillside onto a sky over mountains). Tune splits: copies accepted by ECC
 # <= 1.155, different pictures aligned to >= 0.955: 1.30-2.2 (or 1.0, which the cells refuse).
 _ECC_MAX_ANISO = 1.2
+# Both pictures' content is compared at one width, so a copy's warp keeps the scale but for crops
+# (10% a side: 0.8-1.25) and frames; a warp that zooms in 1.5-2x matches a detail of one smooth
+# picture to the whole of another. Tune splits: every ECC alignment of two copies 0.76-1.29.
+_ECC_SCALE = (0.75, 1 / 0.75)
 
 
 def _area_resize(g: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -1039,7 +1044,7 @@ def match_pair(a: Features, b: Features) -> Match:
     ncc, overlap = warped_content(ca, cb, M)
     cells = cell_agreement(a[3].astype(np.float32), b[3].astype(np.float32), M)
     sv = np.linalg.svd(M[:, :2], compute_uv=False)
-    return Match(inl, ncc, overlap, ecc=ecc, cells=cells, aniso=float(sv[0] / max(sv[1], 1e-9)))
+    return Match(inl, ncc, overlap, ecc=ecc, cells=cells, aniso=float(sv[0] / max(sv[1], 1e-9)), scale=float(np.sqrt(sv[0] * sv[1])))
 
 
 class Verifier:
@@ -1092,7 +1097,7 @@ class Verifier:
         if m.overlap < self.min_overlap or m.cells < (self.min_cells if m.ncc >= self.sure_ncc else self.doubt_cells):
             return False
         if m.ecc:
-            return m.ncc >= _ECC_NCC and m.aniso <= _ECC_MAX_ANISO
+            return m.ncc >= _ECC_NCC and m.aniso <= _ECC_MAX_ANISO and _ECC_SCALE[0] <= m.scale <= _ECC_SCALE[1]
         if m.inliers < self.few_inliers:
             return False
         if m.inliers >= self.min_inliers and m.cells >= self.agree_cells:
