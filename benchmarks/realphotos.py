@@ -5,6 +5,7 @@ near duplicates out (``build``), and our dedup stage vs imagededup on either spl
     .venv/bin/python benchmarks/realphotos.py build --fresh        # fresh + fresh-tune (other packages)
     .venv/bin/python benchmarks/realphotos.py build --tune-small 512  # tune512: tune's pictures at 512 px
     .venv/bin/python benchmarks/realphotos.py build --fresh2       # fresh2 (yet other packages; after the others)
+    .venv/bin/python benchmarks/realphotos.py build --fresh3       # fresh3 (yet others; after fresh2)
     .venv/bin/python benchmarks/realphotos.py eval --split tune|heldout [--no-peer] [--cnn] [--json F]
     .venv/bin/python benchmarks/realphotos.py eval --split heldout --code DIR   # e.g. a baseline:
         mkdir /tmp/base && git archive HEAD curation | tar -x -C /tmp/base
@@ -36,6 +37,8 @@ Report ``fresh``; tune on ``tune``, ``tune<SIDE>`` and ``fresh-tune``.
 ``fresh2`` is a third held-out split (Enlightenment, LXQt, FVWM-Crystal, XPlanet, Kanagram, Tux
 Paint: see FRESH2_PACKAGES), built once ``fresh`` had been looked at four times; a picture that
 repeats one of any other split is dropped. It has no tuning twin: report it, never tune on it.
+``fresh3`` (Tux Paint's templates, OpenCV's sample photos, Palapeli, scikit-learn, Scribus: see
+FRESH3_PACKAGES) followed once fresh2 had been looked at three times.
 
 Layout written under OUT (default /work/data/realphotos, not committed):
   {tune,heldout}/<class>/<opaque name>.jpg   (class folders c0..c3, so a folder source ingests them)
@@ -649,12 +652,13 @@ def main() -> None:
     b.add_argument("--out", type=Path, default=DEFAULT_OUT)
     b.add_argument("--fresh", action="store_true", help="write only the fresh held-out split (other packages)")
     b.add_argument("--fresh2", action="store_true", help="write only the third held-out split (yet other packages)")
+    b.add_argument("--fresh3", action="store_true", help="write only the fourth held-out split (yet other packages)")
     b.add_argument("--tune-small", type=int, metavar="SIDE", help="write only tune<SIDE>: the tune originals at SIDE px")
     f = sub.add_parser("fixtures", help="write the committed test fixtures (tune split) from a build")
     f.add_argument("--out", type=Path, default=DEFAULT_OUT)
     e = sub.add_parser("eval", help="our dedup stage vs imagededup on one split")
     e.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    e.add_argument("--split", required=True, help="tune, heldout, fresh, fresh2 or tune<SIDE>")
+    e.add_argument("--split", required=True, help="tune, heldout, fresh, fresh2, fresh3 or tune<SIDE>")
     e.add_argument("--no-peer", action="store_true", help="skip imagededup")
     e.add_argument("--cnn", action="store_true", help="also try imagededup's CNN (needs its weights)")
     e.add_argument("--examples", type=int, default=10, help="false pairs to print")
@@ -670,8 +674,12 @@ def main() -> None:
     if a.cmd == "build":
         if a.tune_small:
             build_tune_small(a.out, a.tune_small)
+        elif a.fresh2 or a.fresh3:
+            build_held_out(a.out, "fresh3" if a.fresh3 else "fresh2")
+        elif a.fresh:
+            build_fresh(a.out)
         else:
-            build_fresh2(a.out) if a.fresh2 else build_fresh(a.out) if a.fresh else build(a.out)
+            build(a.out)
         return
     if a.cmd == "fixtures":
         write_fixtures(a.out)
@@ -957,16 +965,21 @@ def carve_jpegs(path: Path) -> list[Image.Image]:
     return out
 
 
+def _original(oid: str, package: str, root: Path, p: Path, im: Image.Image | None = None) -> list[Original]:
+    """[the Original of file ``p``], or [] for icons, sprites and thumbnails (under 300 px)."""
+    if im is None:
+        with Image.open(p) as f:
+            if min(f.size) < 300:
+                return []
+        im = _load(p)
+    return [Original(oid, package, str(p.relative_to(root)), im, [])]
+
+
 def collect_fresh2(x: Path) -> list[Original]:
     out: list[Original] = []
 
-    def add(oid: str, package: str, root: Path, p: Path, im: Image.Image | None = None) -> None:
-        if im is None:
-            with Image.open(p) as f:
-                if min(f.size) < 300:  # icons, sprites and thumbnails
-                    return
-            im = _load(p)
-        out.append(Original(oid, package, str(p.relative_to(root)), im, []))
+    def add(*a) -> None:
+        out.extend(_original(*a))
 
     en = x / "enlightenment-data/usr/share/enlightenment/data/backgrounds"
     for p in sorted(en.glob("*.edj")):
@@ -987,6 +1000,38 @@ def collect_fresh2(x: Path) -> list[Original]:
     return out
 
 
+# ``fresh3``: a fourth held-out split, built once ``fresh2`` had been looked at three times, from
+# packages no other split uses: Tux Paint's photo templates (a corn maze, redwoods, sheep, cliffs),
+# OpenCV's sample photos (fruit, a baboon, Messi, aerial and street scenes; one of each stereo pair,
+# video pair or viewpoint pair, no calibration boards or synthetic drawings), Palapeli's puzzle
+# photos, scikit-learn's two photos, the Maldives SDDM theme, Scribus's template photos and
+# Terminology's backgrounds. Evaluate it once.
+FRESH3_PACKAGES = ["tuxpaint-data", "opencv-doc", "palapeli-data", "python3-sklearn", "sddm-theme-maldives",
+                   "scribus-template", "terminology-data"]
+FRESH3_OPENCV = ["HappyFish", "aero1", "aloeL", "apple", "baboon", "basketball1", "board", "box", "building",
+                 "butterfly", "ela_original", "fruits", "graf1", "home", "leuvenA", "left", "licenseplate_motion",
+                 "messi5", "orange", "pca_test1", "rubberwhale1", "smarties", "squirrel_cls", "starry_night",
+                 "stuff", "sudoku"]
+
+
+def collect_fresh3(x: Path) -> list[Original]:
+    out: list[Original] = []
+    dirs = {"tuxpaint-data": ["usr/share/tuxpaint/templates"], "palapeli-data": ["usr/share/palapeli/collection"],
+            "python3-sklearn": ["usr/lib/python3/dist-packages/sklearn/datasets/images"],
+            "sddm-theme-maldives": ["usr/share/sddm/themes/maldives"], "scribus-template": ["usr/share/scribus/templates"],
+            "terminology-data": ["usr/share/terminology/backgrounds"]}
+    for pkg, ds in dirs.items():
+        for d in ds:
+            for p in sorted((x / pkg / d).rglob("*")):
+                if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                    out += _original(f"{pkg}/{p.relative_to(x / pkg / d).with_suffix('')}", pkg, x / pkg, p)
+    cv = x / "opencv-doc/usr/share/doc/opencv-doc/examples/data"
+    for name in FRESH3_OPENCV:
+        for p in sorted(cv.glob(f"{name}.*")):
+            out += _original(f"opencv/{name}", "opencv-doc", x / "opencv-doc", p)
+    return out
+
+
 def split_originals(split_dir: Path) -> list[Original]:
     """A written split's originals, read back from its files (for the repeat check across splits)."""
     with open(split_dir / "truth.csv", newline="") as f:
@@ -994,27 +1039,32 @@ def split_originals(split_dir: Path) -> list[Original]:
     return [Original(r["original_id"], "", r["file"], _load(split_dir / r["file"]), []) for r in rows]
 
 
-def build_fresh2(out: Path) -> None:
-    x = fetch_packages(out, FRESH2_PACKAGES)
-    new = collect_fresh2(x)
-    old = [o for split in ("tune", "heldout", "fresh", "fresh-tune") if (out / split / "truth.csv").exists()
-           for o in split_originals(out / split)]
-    kept, dropped = drop_repeats(old + new)  # the other splits first: a repeat is dropped from fresh2
+def build_held_out(out: Path, split: str) -> None:
+    """Write ``split`` (fresh2 or fresh3) from its packages, dropping pictures that repeat one of any
+    split written before it (or of itself)."""
+    packages, collect, before = {
+        "fresh2": (FRESH2_PACKAGES, collect_fresh2, ["tune", "heldout", "fresh", "fresh-tune"]),
+        "fresh3": (FRESH3_PACKAGES, collect_fresh3, ["tune", "heldout", "fresh", "fresh-tune", "fresh2"]),
+    }[split]
+    x = fetch_packages(out, packages)
+    new = collect(x)
+    old = [o for b in before if (out / b / "truth.csv").exists() for o in split_originals(out / b)]
+    kept, dropped = drop_repeats(old + new)  # the other splits first: a repeat is dropped from this one
     ids = {o.oid for o in new}
     originals = [o for o in kept if o.oid in ids]
     counts: dict[str, int] = {}
-    rows = write_split(out / "fresh2", originals, "fresh2", counts)
-    with open(out / "fresh2" / "originals.csv", "w", newline="") as f:
+    rows = write_split(out / split, originals, split, counts)
+    with open(out / split / "originals.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)
-    with open(out / "fresh2" / "dropped_repeats.csv", "w", newline="") as f:
+    with open(out / split / "dropped_repeats.csv", "w", newline="") as f:
         csv.writer(f).writerows([["dropped", "same_picture_as"], *[d for d in dropped if d[0] in ids]])
     by_pkg: dict[str, int] = {}
     for o in originals:
         by_pkg[o.package] = by_pkg.get(o.package, 0) + 1
-    print(f"fresh2: {sum(counts.values())} files from {len(originals)} originals {by_pkg} "
-          f"({sum(d[0] in ids for d in dropped)} repeats of other splits dropped); "
+    print(f"{split}: {sum(counts.values())} files from {len(originals)} originals {by_pkg} "
+          f"({sum(d[0] in ids for d in dropped)} repeats dropped); "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
