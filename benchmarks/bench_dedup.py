@@ -4,7 +4,7 @@
 2. precision/recall on one planted-duplicate set at each tool's default threshold;
 3. all-pairs search time on 100k and 1M synthetic 64-bit hashes, then with the region family's
    4n hashes as well (on by default; goal: 1M under 60 s with both);
-4. real photographs (benchmarks/realphotos.py, the fresh held-out split, then the first one):
+4. real photographs (benchmarks/realphotos.py: the held-out splits fresh3, fresh2, fresh, then the first):
    precision/recall of the stage as a user runs it (ingest + dedup, pairs by dup_group) and
    imagededup side by side, per transform;
 5. time per 1,000 images of the added verification: the stage with its new signals on vs off;
@@ -246,10 +246,10 @@ def bench_realphotos(split: str = "heldout") -> dict | None:
     import realphotos
 
     if not (realphotos.DEFAULT_OUT / split / "truth.csv").exists():
-        how = "build --fresh" if split == "fresh" else "build"
+        how = f"build --{split}" if split.startswith("fresh") else "build"
         print(f"[4] real photographs: no {realphotos.DEFAULT_OUT / split}; run `benchmarks/realphotos.py {how}` first")
         return None
-    print(f"[4] real photographs, {split} split (thresholds are never tuned on it):")
+    print(f"[4] real photographs, {split} split (held out: thresholds are never tuned on it):")
     return realphotos.evaluate(realphotos.DEFAULT_OUT, split, cnn=True, examples=5)
 
 
@@ -411,8 +411,8 @@ def main() -> None:
     if 3 in only:
         bench_search(sizes["s"], [t, 8] if a.also_t8 and not a.quick else [t])
     if 4 in only:
-        bench_realphotos("fresh")  # built by `realphotos.py build --fresh`: packages never tuned on
-        bench_realphotos("heldout")
+        for split in ("fresh3", "fresh2", "fresh", "heldout"):  # newest (least looked at) first
+            bench_realphotos(split)
     if 5 in only:
         bench_verification("heldout", repeats=1 if a.quick else 2)
     if 6 in only:

@@ -157,6 +157,24 @@ def test_stripes_without_keypoint_matches_are_aligned_by_intensity(tmp_path):
     assert not ok, m
 
 
+def test_an_ecc_warp_must_keep_the_scale_and_stay_near_a_similarity(tmp_path):
+    """A copy cut 10% on one side changes the aspect: ECC fits an affine warp, near a similarity
+    (stripes drift to 1.21) at about the same scale, and it is accepted. A warp that zooms 1.8x
+    into one smooth picture, or stretches it 1.4x one way, matched other pictures (a sky over a
+    hillside to a sky over mountains, correlating 0.97): refused whatever the correlation."""
+    from dataclasses import replace
+
+    name, im = _photo("lookalike_desktop_stripes")
+    crop, _ = realphotos.apply("crop10_side", im, random.Random(f"{name}-crop10_side"))
+    ok, m = _verify(tmp_path, im, crop)
+    assert m.ecc and ok and 1.05 < m.aniso < 1.3 and 1.0 < m.scale < 1.25, m
+    v = dedup.Verifier([], 20)
+    good = dedup.Match(0, ncc=0.97, overlap=1.0, ecc=True, cells=0.9)
+    assert v.accept(good) and v.accept(replace(good, aniso=1.2, scale=0.8))
+    assert not v.accept(replace(good, scale=0.55)) and not v.accept(replace(good, scale=1.5))
+    assert not v.accept(replace(good, aniso=1.43))
+
+
 def _photo(stem: str) -> tuple[str, Image.Image]:
     return stem, Image.open(PHOTOS / f"{stem}.jpg").convert("RGB")
 
