@@ -921,17 +921,7 @@ def build_fresh(out: Path) -> None:
     fresh_ids = {o.oid for o in fresh}
     for split, originals in (("fresh", [o for o in kept if o.oid in fresh_ids]),
                              ("fresh-tune", [o for o in kept if o.oid not in fresh_ids])):
-        counts: dict[str, int] = {}
-        rows = write_split(out / split, originals, split, counts)
-        with open(out / split / "originals.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, list(rows[0]))
-            wr.writeheader()
-            wr.writerows(rows)
-        by_pkg: dict[str, int] = {}
-        for o in originals:
-            by_pkg[o.package] = by_pkg.get(o.package, 0) + 1
-        print(f"{split}: {sum(counts.values())} files from {len(originals)} originals {by_pkg}; "
-              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        _write_own_split(out, split, originals)
     with open(out / "fresh" / "dropped_repeats.csv", "w", newline="") as f:
         csv.writer(f).writerows([["dropped", "same_picture_as"], *dropped])
     print(f"{len(dropped)} repeats dropped")
@@ -1051,21 +1041,25 @@ def build_held_out(out: Path, split: str) -> None:
     old = [o for b in before if (out / b / "truth.csv").exists() for o in split_originals(out / b)]
     kept, dropped = drop_repeats(old + new)  # the other splits first: a repeat is dropped from this one
     ids = {o.oid for o in new}
-    originals = [o for o in kept if o.oid in ids]
+    ours = [d for d in dropped if d[0] in ids]
+    _write_own_split(out, split, [o for o in kept if o.oid in ids], f"{len(ours)} repeats dropped")
+    with open(out / split / "dropped_repeats.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["dropped", "same_picture_as"], *ours])
+
+
+def _write_own_split(out: Path, split: str, originals: list[Original], note: str = "") -> None:
+    """A split with its own originals.csv (the first two share one), and a line on what it holds."""
     counts: dict[str, int] = {}
     rows = write_split(out / split, originals, split, counts)
     with open(out / split / "originals.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, list(rows[0]))
         wr.writeheader()
         wr.writerows(rows)
-    with open(out / split / "dropped_repeats.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["dropped", "same_picture_as"], *[d for d in dropped if d[0] in ids]])
     by_pkg: dict[str, int] = {}
     for o in originals:
         by_pkg[o.package] = by_pkg.get(o.package, 0) + 1
-    print(f"{split}: {sum(counts.values())} files from {len(originals)} originals {by_pkg} "
-          f"({sum(d[0] in ids for d in dropped)} repeats dropped); "
-          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print(f"{split}: {sum(counts.values())} files from {len(originals)} originals {by_pkg}"
+          + (f" ({note})" if note else "") + "; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
 def build_tune_small(out: Path, side: int = 512) -> None:
