@@ -927,7 +927,7 @@ def build_fresh(out: Path) -> None:
     print(f"{len(dropped)} repeats dropped")
 
 
-# ---------------------------------------------------------------- third held-out split
+# ---------------------------------------------------------------- held-out splits fresh2 and fresh3
 
 # ``fresh2``: built once ``fresh`` had been looked at four times, from packages no other split
 # uses: Enlightenment's photo backgrounds (forests, flowers, mountains, lanterns; JPEGs inside its
@@ -1036,9 +1036,13 @@ def build_held_out(out: Path, split: str) -> None:
         "fresh2": (FRESH2_PACKAGES, collect_fresh2, ["tune", "heldout", "fresh", "fresh-tune"]),
         "fresh3": (FRESH3_PACKAGES, collect_fresh3, ["tune", "heldout", "fresh", "fresh-tune", "fresh2"]),
     }[split]
+    missing = [b for b in before if not (out / b / "truth.csv").exists()]
+    if missing:  # the repeat check needs them, or the split would depend on what was built first
+        sys.exit(f"error: {split} is checked for repeats of {', '.join(before)}; build {', '.join(missing)} first "
+                 "(`build`, then `build --fresh`" + (", then `build --fresh2`)" if split == "fresh3" else ")"))
     x = fetch_packages(out, packages)
     new = collect(x)
-    old = [o for b in before if (out / b / "truth.csv").exists() for o in split_originals(out / b)]
+    old = [o for b in before for o in split_originals(out / b)]
     kept, dropped = drop_repeats(old + new)  # the other splits first: a repeat is dropped from this one
     ids = {o.oid for o in new}
     ours = [d for d in dropped if d[0] in ids]
