@@ -354,13 +354,15 @@ def test_a_chain_of_matches_does_not_form_one_group():
     assert dedup.components(5, pairs)[c] == dedup.components(5, pairs)[a]  # what chaining did
 
 
-def _ranked(rows: list[tuple[str, int, int, float]], pairs: np.ndarray, comp: np.ndarray | None = None, **kw) -> list[str]:
-    """Image ids in `_rank_frame` order; rows: (image_id, width, height, share inside margins)."""
-    deg = np.bincount(pairs.ravel(), minlength=len(rows))
+def _ranked(rows: list[tuple], pairs: np.ndarray, **kw) -> list[str]:
+    """Image ids in `_rank_frame` order; rows: (image_id, width, height, share inside margins,
+    medoid score, file bytes)."""
+    deg = np.bincount(pairs.ravel(), minlength=len(rows)) if len(pairs) else np.zeros(len(rows), np.int64)
     f = pl.DataFrame({
         "image_id": [r[0] for r in rows], "width": [r[1] for r in rows], "height": [r[2] for r in rows],
-        "_content": [r[3] for r in rows], "_degree": deg, "_comp": comp if comp is not None else [0] * len(rows),
-        "status": "candidate", "reason": None, "license": "cc-by", "retrieved_at": [f"2026-01-0{k + 1}" for k in range(len(rows))],
+        "_content": [r[3] for r in rows], "_medoid": [float(r[4]) for r in rows], "_bytes": [r[5] for r in rows],
+        "_degree": deg, "_comp": [0] * len(rows), "status": "candidate", "reason": None, "license": "cc-by",
+        "retrieved_at": [f"2026-01-0{k + 1}" for k in range(len(rows))],
     }, schema_overrides={"reason": pl.Utf8})
     return dedup._rank_frame(f, **kw)["image_id"].to_list()
 
@@ -368,11 +370,9 @@ def _ranked(rows: list[tuple[str, int, int, float]], pairs: np.ndarray, comp: np
 def test_the_most_matched_image_is_the_centre_so_a_large_framed_copy_does_not_split_a_group():
     """A framed copy is the largest image; the rotated copy matches the original and its q25
     copy but not the frame. Largest-first made the frame a centre and left the rotated copy out;
-    the most-matched image (the original) as centre takes them all. The image kept is still the
-    largest (the frame here), and among copies of one size, the one its
-    copies match, then the unpadded one."""
-    rows = [("framed", 1600, 1100, 1.0), ("orig", 1280, 900, 1.0), ("q25", 1280, 900, 1.0),
-            ("rotated", 1280, 900, 1.0), ("half", 640, 450, 1.0)]
+    the most-matched image (the original) as centre takes them all."""
+    rows = [("framed", 1600, 1100, 1.0, 0, 0), ("orig", 1280, 900, 1.0, 0, 0), ("q25", 1280, 900, 1.0, 0, 0),
+            ("rotated", 1280, 900, 1.0, 0, 0), ("half", 640, 450, 1.0, 0, 0)]
     framed, orig, q25, rot, half = range(5)
     pairs = np.array([[framed, orig], [framed, q25], [framed, half], [orig, q25], [orig, rot], [orig, half],
                       [q25, rot], [q25, half]])
@@ -383,10 +383,21 @@ def test_the_most_matched_image_is_the_centre_so_a_large_framed_copy_does_not_sp
     assert (g == g[orig]).all()
     largest_first = np.array([idx[i] for i in _ranked(rows, pairs)])
     assert largest_first[0] == framed and dedup.star_groups(largest_first, 5, pairs)[rot] == -1  # what it did
-    # kept: of the best size (within 2%), the most matched; then the unpadded copy over the padded one
-    same = [("padded", 1400, 1000, 0.82), ("orig", 1280, 900, 1.0), ("caption", 1280, 900, 1.0)]
-    assert _ranked(same, np.array([[0, 1], [1, 2]]))[0] == "orig"
-    assert _ranked(same, np.array([[0, 1], [0, 2], [1, 2]]))[0] == "orig"  # all matched: unpadded wins
+
+
+def test_the_image_kept_is_typical_then_largest_then_least_compressed():
+    """The medoid's neighbourhood first (a frame makes a copy larger and atypical), then the
+    largest (the half-size copy is typical too), then the most bytes per pixel (not the q25 copy),
+    then the unpadded copy."""
+    thumbs = np.array([[100.0] * 4, [100, 100, 101, 100], [90, 95, 100, 100], [100, 100, 100, 102], [160, 40, 100, 100]])
+    medoid = dedup.medoid_scores(thumbs, np.array([0, 0, 0, 0, 0]))
+    assert medoid.argmax() == 0 and medoid.argmin() == 4 and (dedup.medoid_scores(thumbs, np.full(5, -1)) == 0).all()
+    rows = [("framed", 1600, 1100, 1.0, -9.0, 900_000), ("q25", 1280, 900, 1.0, -1.2, 90_000),  # q25 retrieved first
+            ("orig", 1280, 900, 1.0, -1.0, 400_000), ("half", 640, 450, 1.0, -1.1, 110_000)]
+    assert _ranked(rows, np.empty((0, 2), np.int64)) == ["orig", "q25", "half", "framed"]
+    # of the same picture size and compression, the unpadded copy over the padded one
+    same = [("padded", 1400, 1000, 0.82, -1.0, 1_400_000), ("plain", 1280, 900, 1.0, -1.0, 1_152_000)]  # 1 byte a pixel
+    assert _ranked(same, np.empty((0, 2), np.int64))[0] == "plain"
 
 
 def _scene(seed: int, size=(480, 360)) -> Image.Image:
