@@ -60,8 +60,8 @@ image kept is ranked apart (`_rank_frame`): the typical images first, those whos
 is closest to all the others' (`medoid_scores`: each copy is one change from the original and two
 from another copy), then the largest, the least compressed, the unpadded, the freest licence, the
 earliest retrieved. On the tune split that keeps the original in 142 of 148 groups (39 when the
-largest came first: frames and pads are larger); held out, 36 of 40 (fresh3), 65 of 71 (fresh2). ``dup_group`` is the kept image's image_id. The
-candidates among the others become
+largest came first: frames and pads are larger); held out, 36 of 40 (fresh3), 65 of 71 (fresh2).
+``dup_group`` is the kept image's image_id. The candidates among the others become
 ``rejected/duplicate`` with ``dup_of``. A group whose images carry more than one label (catalog
 label or any sighting, so the same bytes found under two labels count too) is a label conflict:
 flagged for review, not resolved; each of its labels keeps its best image.
@@ -1451,20 +1451,26 @@ _RESOLUTION_STEP = 1.25
 _MEDOID_SLACK = 2.0
 
 
-def medoid_scores(thumbs: np.ndarray, group: np.ndarray) -> np.ndarray:
+def medoid_scores(thumbs: np.ndarray, group: np.ndarray, *, max_ref: int = 1024) -> np.ndarray:
     """Per image of a group (``group`` >= 0): minus the mean RMS difference (grey levels) of its
     grey thumbnail from the other members'. Each copy is one change (a frame, a caption, a crop,
     brighter) away from the original and two from another copy, so the original scores highest:
-    the group's medoid."""
+    the group's medoid. A group bigger than ``max_ref`` is compared with ``max_ref`` of its members
+    spread through it, in chunks (memory and time linear in its size)."""
     out = np.zeros(len(group))
     x = thumbs.astype(np.float32)
     rows = np.flatnonzero(group >= 0)
     rows = rows[np.argsort(group[rows], kind="stable")]
     for idx in np.split(rows, np.flatnonzero(np.diff(group[rows])) + 1):
-        if len(idx) > 1:
-            sq = (x[idx] ** 2).sum(1)
-            d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x[idx] @ x[idx].T, 0) / x.shape[1]
-            out[idx] = -np.sqrt(d2).sum(1) / (len(idx) - 1)
+        if len(idx) < 2:
+            continue
+        ref = idx if len(idx) <= max_ref else idx[np.linspace(0, len(idx) - 1, max_ref).astype(np.int64)]
+        others = len(ref) - np.isin(idx, ref)  # a member among the references does not count itself
+        sq_ref = (x[ref] ** 2).sum(1)
+        for at in range(0, len(idx), 4096):
+            part = idx[at:at + 4096]
+            d2 = (x[part] ** 2).sum(1)[:, None] + sq_ref[None, :] - 2 * x[part] @ x[ref].T
+            out[part] = -np.sqrt(np.maximum(d2, 0) / x.shape[1]).sum(1) / others[at:at + 4096]
     return out
 
 

@@ -392,6 +392,11 @@ def test_the_image_kept_is_typical_then_largest_then_least_compressed():
     thumbs = np.array([[100.0] * 4, [100, 100, 101, 100], [90, 95, 100, 100], [100, 100, 100, 102], [160, 40, 100, 100]])
     medoid = dedup.medoid_scores(thumbs, np.array([0, 0, 0, 0, 0]))
     assert medoid.argmax() == 0 and medoid.argmin() == 4 and (dedup.medoid_scores(thumbs, np.full(5, -1)) == 0).all()
+    x = np.random.default_rng(0).normal(128, 30, (300, 16)) + np.linspace(0, 60, 300)[:, None]  # the middle is typical
+    exact = -np.sqrt(((x[:, None] - x[None]) ** 2).mean(2)).sum(1) / 299
+    assert np.allclose(dedup.medoid_scores(x, np.zeros(300, int)), exact, atol=1e-3)
+    sampled = dedup.medoid_scores(x, np.zeros(300, int), max_ref=40)  # a big group: against 40 of its members
+    assert np.corrcoef(sampled, exact)[0, 1] > 0.95
     rows = [("framed", 1600, 1100, 1.0, -9.0, 900_000), ("q25", 1280, 900, 1.0, -1.2, 90_000),  # q25 retrieved first
             ("orig", 1280, 900, 1.0, -1.0, 400_000), ("half", 640, 450, 1.0, -1.1, 110_000)]
     assert _ranked(rows, np.empty((0, 2), np.int64)) == ["orig", "q25", "half", "framed"]
