@@ -59,7 +59,7 @@ centre directly (`group_by_representative`), and joins only if that passes. In e
 image kept is ranked apart (`_rank_frame`): the typical images first, those whose grey thumbnail
 is closest to all the others' (`medoid_scores`: each copy is one change from the original and two
 from another copy), then the largest, the least compressed, the unpadded, the freest licence, the
-earliest retrieved. On the tune split that keeps the original in 142 of 148 groups (39 when the
+earliest retrieved. On the tune split that keeps the original in 142 of 148 groups (28 when the
 largest came first: frames and pads are larger); held out, 36 of 40 (fresh3), 65 of 71 (fresh2).
 ``dup_group`` is the kept image's image_id. The candidates among the others become
 ``rejected/duplicate`` with ``dup_of``. A group whose images carry more than one label (catalog
@@ -1447,7 +1447,7 @@ def _labels_per_image(df: pl.DataFrame, ws: Workspace) -> pl.DataFrame:
 _RESOLUTION_STEP = 1.25
 # Images whose thumbnails are within this many grey levels (mean RMS) of the group's medoid count
 # as typical of it: a resized or JPEG copy of the original ties with it, and resolution decides.
-# Tune split: the image kept is the original in 142 of 148 groups (39 by resolution then matches).
+# Tune split: the image kept is the original in 142 of 148 groups (28 by resolution, then matches).
 _MEDOID_SLACK = 2.0
 
 
