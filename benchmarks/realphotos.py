@@ -852,44 +852,48 @@ FRESH_LOW = {"xfdesktop4-data": ["xfce-blue.jpg", "xfce-teal.jpg", "xfce-stripes
              "grub-theme-starfield": ["starfield.png"]}
 
 
+def _original(oid: str, package: str, root: Path, p: Path, im: Image.Image | None = None, *,
+              low: bool = False, variants: list | None = None) -> list[Original]:
+    """[the Original of file ``p``], or [] for icons, sprites and thumbnails (under 300 px)."""
+    if im is None:
+        with Image.open(p) as f:
+            if min(f.size) < 300:
+                return []
+        im = _load(p)
+    return [Original(oid, package, str(p.relative_to(root)), im, variants or [], low_texture=low)]
+
+
 def collect_fresh(x: Path) -> list[Original]:
     out: list[Original] = []
-
-    def add(oid: str, package: str, root: Path, p: Path, low: bool = False, variants: list | None = None) -> None:
-        with Image.open(p) as im:
-            if min(im.size) < 300:  # icons and thumbnails
-                return
-        out.append(Original(oid, package, str(p.relative_to(root)), _load(p), variants or [], low_texture=low))
-
     st = x / "stellarium-data/usr/share/stellarium"
     nebulae = sorted((st / "nebulae/default").glob("*.png"))
     for p in sorted(random.Random(f"{SEED}-fresh-nebulae").sample(nebulae, FRESH_NEBULAE)):
-        add(f"stellarium/nebula/{p.stem}", "stellarium-data", st, p)
+        out += _original(f"stellarium/nebula/{p.stem}", "stellarium-data", st, p)
     for name in FRESH_PLANETS:
         p = next(iter(sorted((st / "textures").glob(f"{name}.*"))), None)
         if p is not None:
-            add(f"stellarium/texture/{name}", "stellarium-data", st, p)
+            out += _original(f"stellarium/texture/{name}", "stellarium-data", st, p)
     for d in sorted((st / "landscapes").iterdir()):  # one photo panorama strip per landscape
         pics = sorted(d.glob("*.png"), key=lambda q: -_pixels(q))
         if pics:
-            add(f"stellarium/landscape/{d.name}", "stellarium-data", st, pics[0])
+            out += _original(f"stellarium/landscape/{d.name}", "stellarium-data", st, pics[0])
     sk = x / "python3-skimage/usr/lib/python3/dist-packages/skimage/data"
     for name in FRESH_SKIMAGE:
         p = next(iter(sorted(sk.glob(f"{name}.*"))), None)
         if p is not None:
-            add(f"skimage/{name}", "python3-skimage", sk, p)
+            out += _original(f"skimage/{name}", "python3-skimage", sk, p)
     kr = x / "krita-data/usr/share/krita/patterns"
     for p in sorted(kr.glob("*.png")):
-        add(f"krita/{p.stem}", "krita-data", kr, p, low=True)
+        out += _original(f"krita/{p.stem}", "krita-data", kr, p, low=True)
     dk = x / "digikam-data/usr/share/digikam"
-    add("digikam/body-background", "digikam-data", dk, dk / "about/images/body-background.jpg")
+    out += _original("digikam/body-background", "digikam-data", dk, dk / "about/images/body-background.jpg")
     lx = x / "lxde-common/usr/share/lxde/wallpapers"
-    add("lxde/lxde", "lxde-common", lx, lx / "lxde_blue.jpg", low=True,
-        variants=[("pkg_recolour", f"lxde_{c}.jpg", _load(lx / f"lxde_{c}.jpg")) for c in ("green", "red")])
+    out += _original("lxde/lxde", "lxde-common", lx, lx / "lxde_blue.jpg", low=True,
+                     variants=[("pkg_recolour", f"lxde_{c}.jpg", _load(lx / f"lxde_{c}.jpg")) for c in ("green", "red")])
     for pkg, names in FRESH_LOW.items():
         for p in sorted((x / pkg).rglob("*")):
             if p.name in names:
-                add(f"{pkg}/{p.name}", pkg, x / pkg, p, low=True)
+                out += _original(f"{pkg}/{p.name}", pkg, x / pkg, p, low=True)
     return out
 
 
@@ -902,14 +906,8 @@ def collect_fresh_tune(x: Path) -> list[Original]:
     rest = [p for p in nebulae if p not in held]
     pics = sorted(random.Random(f"{SEED}-fresh-tune").sample(rest, 2 * FRESH_NEBULAE))
     pics += sorted(p for p in (st / "scenery3d").rglob("*.*") if p.suffix.lower() in (".png", ".jpg"))
-    out = []
-    for p in pics:
-        with Image.open(p) as im:
-            if min(im.size) < 300:
-                continue
-        out.append(Original(f"stellarium/{p.parent.name}/{p.stem}", "stellarium-data", str(p.relative_to(st)), _load(p), [],
-                            low_texture="scenery3d" in str(p)))
-    return out
+    return [o for p in pics for o in _original(f"stellarium/{p.parent.name}/{p.stem}", "stellarium-data", st, p,
+                                                low="scenery3d" in str(p))]
 
 
 def build_fresh(out: Path) -> None:
@@ -955,38 +953,26 @@ def carve_jpegs(path: Path) -> list[Image.Image]:
     return out
 
 
-def _original(oid: str, package: str, root: Path, p: Path, im: Image.Image | None = None) -> list[Original]:
-    """[the Original of file ``p``], or [] for icons, sprites and thumbnails (under 300 px)."""
-    if im is None:
-        with Image.open(p) as f:
-            if min(f.size) < 300:
-                return []
-        im = _load(p)
-    return [Original(oid, package, str(p.relative_to(root)), im, [])]
 
 
 def collect_fresh2(x: Path) -> list[Original]:
     out: list[Original] = []
-
-    def add(*a) -> None:
-        out.extend(_original(*a))
-
     en = x / "enlightenment-data/usr/share/enlightenment/data/backgrounds"
     for p in sorted(en.glob("*.edj")):
         ims = carve_jpegs(p)  # one picture in several sizes: the largest (already shrunk to MAX_SIDE)
         if ims:
-            add(f"enlightenment/{p.stem}", "enlightenment-data", x / "enlightenment-data", p,
-                max(ims, key=lambda im: im.size[0] * im.size[1]))
+            out += _original(f"enlightenment/{p.stem}", "enlightenment-data", x / "enlightenment-data", p,
+                             max(ims, key=lambda im: im.size[0] * im.size[1]))
     for pkg, d in (("lxqt-themes", "usr/share/lxqt/wallpapers"), ("fvwm-crystal", "usr/share/fvwm-crystal/fvwm/wallpapers"),
                    ("xplanet-images", "usr/share/xplanet/images"), ("kanagram", "usr/share/kanagram/ui/images")):
         for p in sorted((x / pkg / d).glob("*")):
             if p.suffix.lower() in (".jpg", ".png") and p.name != "chalkboard.png":  # chalkboard: a blank frame
-                add(f"{pkg}/{p.stem}", pkg, x / pkg, p)
+                out += _original(f"{pkg}/{p.stem}", pkg, x / pkg, p)
     tp = x / "tuxpaint-stamps-default/usr/share/tuxpaint/stamps"
     for p in sorted(tp.rglob("*.png")):
         rel = p.relative_to(tp)
         if "cartoon" not in rel.parts and rel.parts[0] != "symbols":  # drawings, not photos
-            add(f"tuxpaint/{rel.with_suffix('')}", "tuxpaint-stamps-default", x / "tuxpaint-stamps-default", p)
+            out += _original(f"tuxpaint/{rel.with_suffix('')}", "tuxpaint-stamps-default", x / "tuxpaint-stamps-default", p)
     return out
 
 
