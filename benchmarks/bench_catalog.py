@@ -13,11 +13,13 @@ For catalogs of 10k, 1M (and 10M with --big) rows:
    including the periodic compaction/checkpoint/vacuum every 100 versions, run first on the
    catalog as built; the parquet side is timed on 5 commits and multiplied (its cost per commit
    is flat: the whole file every time);
-4. the drain: the inbox filled to ``catalog.INBOX_MAX_ROWS`` rows, then moved to the leaves (what
-   one append in every INBOX_MAX_ROWS appended rows pays). A sequence shorter than the inbox holds
-   no drain, and an append cell has one or none, so appends are reported twice: raw (the mean of
-   the commits that did not drain) and amortised (raw + drain x rows / INBOX_MAX_ROWS, the share
-   of a drain its rows cause); the sequence's figure and the goals use the amortised one;
+4. the drain, in its two steps: a full inbox (``catalog.INBOX_MAX_ROWS`` rows) shelved (what one
+   append in every INBOX_MAX_ROWS appended rows pays), then full shelves (``SHELF_MAX_ROWS`` rows
+   each, all 256: ids are uniform, so they fill together) moved to the leaves (what one append in
+   every 256 x SHELF_MAX_ROWS pays). A sequence shorter than the inbox holds no drain, and an
+   append cell has one or none, so appends are reported twice: raw (the mean of the commits that
+   did not drain) and amortised (raw + rows x (shelving / INBOX_MAX_ROWS + shelf drain / rows it
+   moved), the share of both its rows cause); the sequence's figure and the goals use the amortised one;
 5. peak memory (max RSS) of each case: every case runs in its own process.
 
     .venv/bin/python benchmarks/bench_catalog.py [--big] [--sizes 10000,1000000]
@@ -137,7 +139,7 @@ def case(kind: str, size: int, k: int, base: Path, commits: int) -> dict:
             times.append(time.perf_counter() - t)
             if kind.startswith("delta"):  # every commit the call made (an append may also drain the inbox)
                 vs = range(v0 + 1, catalog.version(ws) + 1)
-                drained.append(any(a.get("commitInfo", {}).get("jurassiclass") == "drain inbox"
+                drained.append(any(a.get("commitInfo", {}).get("jurassiclass", "").startswith(("shelve", "drain"))
                                    for v in vs for a in catalog._log_actions(ws.table_path, v)))
                 sts = [catalog.commit_stats(ws, v) for v in vs]
                 rewritten.append(tuple(sum(st[f] for st in sts) for f in ("rows_added", "bytes_added", "files_added")))
@@ -161,33 +163,50 @@ def case(kind: str, size: int, k: int, base: Path, commits: int) -> dict:
 
 
 def drain_case(ws: catalog.Workspace, out: dict) -> dict:
-    """Fill the inbox to INBOX_MAX_ROWS (no drain meanwhile, untimed), then time its move to the leaves."""
-    cap = catalog.INBOX_MAX_ROWS
-    start = 500_000_000
-    catalog.INBOX_MAX_ROWS = 10**12
-    while (held := catalog._inbox_rows(catalog._leaves(catalog._open(ws)))) < cap:
-        n = min(10_000, cap - held)
-        catalog.append(ws, frame(n, start))
-        start += n
-    catalog.INBOX_MAX_ROWS = cap
-    v0 = catalog.version(ws)
-    t = time.perf_counter()
-    out["inbox_rows"] = catalog._drain_inbox(ws)
-    out["mean_s"] = out["total_s"] = out["max_s"] = time.perf_counter() - t
-    sts = [catalog.commit_stats(ws, v) for v in range(v0 + 1, catalog.version(ws) + 1)]
-    out["rows_written"] = sum(st["rows_added"] for st in sts)
-    out["mb_written"] = sum(st["bytes_added"] for st in sts) / 2**20
-    out["files_written"] = sum(st["files_added"] for st in sts)
+    """Fill the shelves to SHELF_MAX_ROWS (less an inbox's worth) and the inbox to INBOX_MAX_ROWS,
+    untimed; then time shelving the inbox, and moving every shelf to the leaves."""
+    cap, start = catalog.INBOX_MAX_ROWS, 500_000_000
+    catalog.INBOX_MAX_ROWS = 10**12  # no shelving while filling
+
+    def fill(rows: int) -> None:
+        nonlocal start
+        while (held := catalog._inbox_size(catalog._open(ws))) < rows:
+            n = min(10_000, rows - held)
+            catalog.append(ws, frame(n, start))
+            start += n
+
+    with catalog.locked(ws):
+        fill(256 * catalog.SHELF_MAX_ROWS - cap)
+        catalog._shelve(ws)
+        fill(cap)
+        catalog.INBOX_MAX_ROWS = cap
+        v0 = catalog.version(ws)
+        t = time.perf_counter()
+        out["inbox_rows"] = catalog._shelve(ws)
+        out["shelve_s"] = time.perf_counter() - t
+        v1 = catalog.version(ws)
+        t = time.perf_counter()
+        out["shelf_rows"] = catalog._drain_shelves(ws, at_least=1)
+        out["drain_s"] = time.perf_counter() - t
+    out["per_row_s"] = out["shelve_s"] / out["inbox_rows"] + out["drain_s"] / out["shelf_rows"]
+    out["mean_s"] = out["total_s"] = out["max_s"] = out["shelve_s"] + out["drain_s"]
+    for name, vs in (("shelve", range(v0 + 1, v1 + 1)), ("drain", range(v1 + 1, catalog.version(ws) + 1))):
+        sts = [catalog.commit_stats(ws, v) for v in vs]
+        out[f"{name}_rows_written"] = sum(st["rows_added"] for st in sts)
+        out[f"{name}_files_written"] = sum(st["files_added"] for st in sts)
+        out[f"{name}_mb_written"] = sum(st["bytes_added"] for st in sts) / 2**20
+    for f in ("rows", "files", "mb"):
+        out[f"{f}_written"] = out[f"shelve_{f}_written"] + out[f"drain_{f}_written"]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["leaves"] = catalog._leaves(catalog._open(ws)).height
     return out
 
 
-def amortised(append: dict, drain_s: float) -> float:
-    """An append's cost with its share of a drain: its rows' fraction of the inbox's capacity
-    (an append bigger than the inbox goes to the leaves and causes none)."""
+def amortised(append: dict, per_row_s: float) -> float:
+    """An append's cost with its share of shelving and draining: its rows times the cost of both
+    per row moved (an append bigger than the inbox goes to the leaves and causes none)."""
     k = append["rows"]
-    return append["raw_s"] + (drain_s * k / catalog.INBOX_MAX_ROWS if k <= catalog.INBOX_MAX_ROWS else 0.0)
+    return append["raw_s"] + (per_row_s * k if k <= catalog.INBOX_MAX_ROWS else 0.0)
 
 
 def run_case(kind: str, size: int, k: int, base: Path, commits: int = 3) -> dict:
@@ -208,13 +227,17 @@ def goals(results: list[dict]) -> None:
     """The issue's goals, cell by cell, from this run's figures."""
     by = {(r["kind"], r["size"], r.get("rows")): r for r in results}
     sizes = sorted({r["size"] for r in results})
-    drain = {r["size"]: r["mean_s"] for r in results if r["kind"] == "delta-drain"}
-    print(f"== goals (inbox of {catalog.INBOX_MAX_ROWS:,d} rows; appends amortised: raw + drain x rows / inbox)")
+    drains = {r["size"]: r for r in results if r["kind"] == "delta-drain"}
+    drain = {size: r["per_row_s"] for size, r in drains.items()}
+    print(f"== goals (inbox of {catalog.INBOX_MAX_ROWS:,d} rows, shelves of {catalog.SHELF_MAX_ROWS:,d}; "
+          f"appends amortised: raw + rows x (shelving + shelf drain) per row)")
     small = min(sizes)
     for size in sizes:
         if size in drain:
-            print(f"drain at {size:>10,d}: {drain[size]:6.2f} s per {catalog.INBOX_MAX_ROWS:,d} appended rows "
-                  f"({drain[size] / catalog.INBOX_MAX_ROWS * 1e6:.1f} us a row)")
+            d = drains[size]
+            print(f"drain at {size:>10,d}: shelving {d['shelve_s']:6.2f} s per {d['inbox_rows']:,d} rows (wrote "
+                  f"{d['shelve_rows_written']:,d}), shelf drain {d['drain_s']:6.2f} s per {d['shelf_rows']:,d} rows "
+                  f"(wrote {d['drain_rows_written']:,d}): {drain[size] * 1e6:.1f} us a row")
         for (kind, sz, k), r in sorted(by.items(), key=lambda x: (x[0][0], x[0][1], x[0][2] or 0)):
             if sz != size:
                 continue
@@ -284,12 +307,12 @@ def main() -> None:
             results.append(dr)
             if seq is not None:
                 pq_total = seq_pq["mean_s"] * a.sequence
-                share = dr["mean_s"] * 50 * a.sequence / catalog.INBOX_MAX_ROWS
+                share = dr["per_row_s"] * 50 * a.sequence
                 delta_s = seq["raw_total_s"] + share
                 print(f"== scrape-sized sequence at 1M: {a.sequence} commits of 50 rows: parquet ~{pq_total:.1f} s "
                       f"(5 timed x {a.sequence / 5:.0f}); delta {seq['raw_total_s']:.1f} s of appends (compaction "
-                      f"included) + {share:.2f} s, its rows' share of a drain ({50 * a.sequence:,d} / "
-                      f"{catalog.INBOX_MAX_ROWS:,d} x {dr['mean_s']:.1f} s) = {delta_s:.1f} s: {pq_total / delta_s:.1f}x "
+                      f"included) + {share:.2f} s, its rows' share of shelving and draining ({50 * a.sequence:,d} x "
+                      f"{dr['per_row_s'] * 1e6:.1f} us) = {delta_s:.1f} s: {pq_total / delta_s:.1f}x "
                       f"amortised ({pq_total / seq['total_s']:.1f}x as run: {seq['total_s']:.1f} s, {seq['drains']} drains)",
                       flush=True)
                 results.append({"kind": "sequence", "size": size, "commits": a.sequence, "parquet_s": pq_total,

@@ -144,17 +144,24 @@ def empty() -> pl.DataFrame:
 # two-character bucket) are tables of this one whose leaves are too big: merges split what they
 # touch and ``maintain`` splits the rest.
 # Small appends land in one file in the ``in`` partition (an inbox, not an id prefix), so a scrape
-# commit writes one file however many leaves its rows belong to; maintenance moves the inbox's
-# rows to their leaves. ``_seq`` keeps the order rows were added in (readers and ``add`` rely on
-# "the first row of an image_id wins"). Both are hidden from readers.
+# commit writes one file however many leaves its rows belong to. A full inbox is shelved: its rows
+# move to the shelf of their bucket (``in`` + the bucket, e.g. ``in3a``) in one commit that adds a
+# file per shelf and rewrites none; a full shelf is drained into its bucket's leaves. ``_seq`` keeps
+# the order rows were added in (readers and ``add`` rely on "the first row of an image_id wins").
+# Both are hidden from readers.
 BUCKET_CHARS = 2
 LEAF_MAX_ROWS = 2048  # a merge of one row rewrites at most this many (measured: ~1 MB, a few ms)
 SPLIT_BATCH_ROWS = 1_000_000  # maintenance splits leaves in commits of about this many rows
 INBOX = "in"
-# The inbox is drained (its rows moved to their leaves) once it holds INBOX_MAX_ROWS rows; an append
-# of more goes straight to the leaves. A drain rewrites nearly every leaf, so it costs the table's
+# The inbox is shelved once it holds INBOX_MAX_ROWS rows; an append of more goes straight to the
+# leaves. Moving the inbox to the leaves directly rewrites nearly every leaf, so it costs the table's
 # size whatever the inbox holds (measured at 1M rows: 5.0 s for 10k inbox rows, 4.8 s for 200k):
-# per appended row it costs table size / INBOX_MAX_ROWS. What a bigger inbox costs is constant in
+# per appended row table size / INBOX_MAX_ROWS, the share that kept 10M-row appends at 2.4x the
+# 10k cost. Shelving costs the inbox's size; a shelf drains once it holds SHELF_MAX_ROWS, and as ids
+# are uniform all shelves fill together: per appended row the leaves' rewrite costs table size /
+# (256 x SHELF_MAX_ROWS), 10x less. A merge that hits a shelved row rewrites that shelf (at most
+# SHELF_MAX_ROWS rows, a leaf's order of size), and read_partition reads its shelf whole.
+# What a bigger inbox costs is constant in
 # the table's size: a merge that hits a row in it rewrites it (measured at 1M, 50 inbox rows:
 # 0.16 s with 10k rows in it, 0.35 s with 100k; 5,000: 0.4 s, 0.7 s) and read_partition filters it
 # (47 ms a call with 10k, 68 ms with 100k, ~150 ms with 200k). 100k amortises a drain over 10x the
@@ -163,6 +170,7 @@ INBOX = "in"
 # rewrite) measured 2.4 s for 100k rows at 1M (a file per leaf), and the next compaction then
 # rewrote every leaf: 17.8 s.
 INBOX_MAX_ROWS = 100_000
+SHELF_MAX_ROWS = 4096
 _BUCKET, _SEQ = "_bucket", "_seq"
 _HIDDEN = (_BUCKET, _SEQ)
 # Every COMPACT_EVERY versions a commit also compacts small files, checkpoints the log and
@@ -175,10 +183,11 @@ COMPACT_EVERY = 100
 CHECKPOINT_EVERY = 50
 RETENTION_HOURS = 7 * 24
 _RETRIES = 8
-# File statistics for image_id only (Delta's default is the first 32 columns, so every stage's
-# columns): no reader prunes on the others, and every commit replays and rewrites the statistics
-# of all files in the log (measured at 10M rows, 50-row append: 132 -> 100 ms; 5,000 rows: 173 -> 59 ms).
-PROPERTIES = {"delta.dataSkippingStatsColumns": "image_id"}
+# File statistics for image_id and _seq only (Delta's default is the first 32 columns, so every
+# stage's columns): readers prune on image_id, shelving on _seq, and every commit replays and
+# rewrites the statistics of all files in the log (measured at 10M rows, 50-row append: 132 -> 100
+# ms; 5,000 rows: 173 -> 59 ms).
+PROPERTIES = {"delta.dataSkippingStatsColumns": "image_id,_seq"}
 
 
 class CatalogVersionError(JurassiclassError, ValueError):
@@ -295,7 +304,7 @@ def _leaf_of(ids: pl.Series, keys: list[str]) -> pl.Series:
 def _split(df: pl.DataFrame) -> pl.DataFrame:
     """Re-key the rows of leaves holding more than LEAF_MAX_ROWS into pieces of about half that,
     cut at id quantiles. Only for leaves whose every row is in ``df`` (a rewrite)."""
-    sizes = df.group_by(_BUCKET).len().filter((pl.col("len") > LEAF_MAX_ROWS) & (pl.col(_BUCKET) != INBOX))
+    sizes = df.group_by(_BUCKET).len().filter((pl.col("len") > LEAF_MAX_ROWS) & ~_in_inbox())
     if sizes.is_empty():
         return df
     big = df.filter(pl.col(_BUCKET).is_in(sizes[_BUCKET].implode())).sort(_BUCKET, "image_id")
@@ -318,12 +327,14 @@ def _separator(before: str, first: str) -> str:
 
 
 def _files(dt) -> pl.DataFrame:
-    """The table's data files from the log (no data read): their leaf and row count."""
+    """The table's data files from the log (no data read): their leaf, row count and largest
+    ``_seq`` (null for a file written before _seq had statistics)."""
     acts = pl.DataFrame(dt.get_add_actions(flatten=True))
-    col = f"partition.{_BUCKET}"
+    col, seq = f"partition.{_BUCKET}", f"max.{_SEQ}"
     if acts.is_empty() or col not in acts.columns:
-        return pl.DataFrame(schema={_BUCKET: pl.Utf8, "rows": pl.Int64})
-    return acts.select(pl.col(col).alias(_BUCKET), pl.col("num_records").cast(pl.Int64).alias("rows"))
+        return pl.DataFrame(schema={_BUCKET: pl.Utf8, "rows": pl.Int64, "max_seq": pl.Int64})
+    return acts.select(pl.col(col).alias(_BUCKET), pl.col("num_records").cast(pl.Int64).alias("rows"),
+                       (pl.col(seq) if seq in acts.columns else pl.lit(None)).cast(pl.Int64).alias("max_seq"))
 
 
 def _leaves(dt) -> pl.DataFrame:
@@ -333,7 +344,16 @@ def _leaves(dt) -> pl.DataFrame:
 
 
 def _leaf_keys(leaves: pl.DataFrame) -> list[str]:
-    return leaves.filter(pl.col(_BUCKET) != INBOX)[_BUCKET].to_list()
+    return leaves.filter(~_in_inbox())[_BUCKET].to_list()
+
+
+def _in_inbox() -> pl.Expr:
+    """Rows of the inbox or a shelf (hex leaf keys never start with INBOX's letters)."""
+    return pl.col(_BUCKET).str.starts_with(INBOX)
+
+
+def _shelf_of(ids: pl.Series) -> pl.Series:
+    return (INBOX + ids.str.slice(0, BUCKET_CHARS)).alias(_BUCKET)
 
 
 def _check_ids(df: pl.DataFrame) -> None:
@@ -477,21 +497,21 @@ def commit_stats(ws: Workspace, version: int | None = None) -> dict:
 
 
 def maintain(ws: Workspace, *, retention_hours: int = RETENTION_HOURS, drain: bool = True) -> dict:
-    """Move the inbox's rows to their leaves (``drain``; else only once it holds INBOX_MAX_ROWS),
-    split leaves grown past LEAF_MAX_ROWS (big appends, the first layout's buckets), compact small
-    files, checkpoint the log, and delete files no version younger than ``retention_hours`` reads.
-    Commits run it every COMPACT_EVERY versions, draining only a full inbox: a drain rewrites
-    every leaf its rows fall in, nearly all of them."""
+    """Move the inbox's and shelves' rows to their leaves (``drain``; else shelve a full inbox and
+    drain full shelves), split leaves grown past LEAF_MAX_ROWS (big appends, the first layout's
+    buckets), compact small files, checkpoint the log, and delete files no version younger than
+    ``retention_hours`` reads. Commits run it every COMPACT_EVERY versions, draining only what is
+    full: draining every shelf rewrites nearly every leaf."""
     with locked(ws):
         if not _prepare(ws):
             return {}
-        moved = _drain_inbox(ws, at_least=0 if drain else INBOX_MAX_ROWS)
+        moved = _drain_inbox(ws, full_only=not drain)
         dt = _locked_table(ws)
         if any(dt.metadata().configuration.get(k) != v for k, v in PROPERTIES.items()):  # a table made before them
             dt.alter.set_table_properties(PROPERTIES)
             _sync(ws.table_path, dt.version())
         leaves = _leaves(dt)
-        big = leaves.filter((pl.col("rows") > LEAF_MAX_ROWS) & (pl.col(_BUCKET) != INBOX))
+        big = leaves.filter((pl.col("rows") > LEAF_MAX_ROWS) & ~_in_inbox())
         # In commits of about SPLIT_BATCH_ROWS rows, so that memory stays bounded (a first-layout
         # table at 10M rows is all big leaves).
         batch = (big["rows"].cum_sum() // SPLIT_BATCH_ROWS).alias("batch")
@@ -527,27 +547,86 @@ def _inbox_size(dt) -> int:
     return int(_files(dt).filter(pl.col(_BUCKET) == INBOX)["rows"].sum())
 
 
+def _shelved_rows(leaves: pl.DataFrame) -> int:
+    """Rows on the shelves, from ``_leaves``."""
+    return int(leaves.filter(_in_inbox() & (pl.col(_BUCKET) != INBOX))["rows"].sum())
+
+
 def _inbox_rows(leaves: pl.DataFrame) -> int:
     """Rows in the inbox, from ``_leaves`` (the log's file statistics: no data read)."""
     return int(leaves.filter(pl.col(_BUCKET) == INBOX)["rows"].sum())
 
 
-def _drain_inbox(ws: Workspace, *, at_least: int = 0) -> int:
-    """Move the inbox's rows to their leaves (under the lock), if it holds any and at least
-    ``at_least``: in commits that each rewrite leaves of about SPLIT_BATCH_ROWS rows in all, so
-    that memory stays bounded (the inbox's rows fall in nearly every leaf)."""
-    dt = _locked_table(ws)
-    leaves = _leaves(dt)
-    n = _inbox_rows(leaves)
-    if not n or n < at_least:
+def _drain_inbox(ws: Workspace, *, full_only: bool = False) -> int:
+    """Shelve the inbox and drain the shelves into their leaves (under the lock); with
+    ``full_only``, only an inbox of INBOX_MAX_ROWS rows and shelves of SHELF_MAX_ROWS. Returns the
+    rows moved to leaves."""
+    if _inbox_size(_locked_table(ws)) >= (INBOX_MAX_ROWS if full_only else 1):
+        _shelve(ws)
+    return _drain_shelves(ws, at_least=SHELF_MAX_ROWS if full_only else 1)
+
+
+def _shelve(ws: Workspace) -> int:
+    """Move the inbox's rows to their shelves in one commit that removes the inbox's files and adds
+    a file per shelf. Shelved rows all predate the inbox's (``_seq`` is a clock), so the commit's
+    predicate, "the inbox, or shelf rows from the inbox's first ``_seq`` on", matches no shelved row
+    and rewrites no shelf: the shelves' ``_seq`` statistics prove it without reading them. A shelf
+    file they cannot vouch for (written before those statistics; a clock set back) is rewritten
+    with the rows moved to it. Returns the rows moved."""
+
+    def attempt(dt) -> int:
+        rows = _scan(dt, [INBOX])
+        if rows.is_empty():
+            return 0
+        moved = rows.with_columns(_shelf_of(rows["image_id"]))
+        shelves = moved[_BUCKET].unique().sort().to_list()
+        s0 = int(rows[_SEQ].min())
+        held = _files(dt).filter(pl.col(_BUCKET).is_in(shelves))
+        stale = held.filter(pl.col("max_seq").is_null() | (pl.col("max_seq") >= s0))[_BUCKET].unique().to_list()
+        if stale:
+            moved = pl.concat([_scan(dt, stale), moved], how="vertical")
+        predicate = (f"{_BUCKET} IN ({_in_list([INBOX, *stale])}) OR "
+                     f"({_BUCKET} IN ({_in_list(shelves)}) AND {_SEQ} >= {s0})")
+        _write_frame(ws, moved, mode="overwrite", predicate=predicate, note=f"shelve {rows.height}",
+                     retries=1, maintenance=False, dt=dt)
+        return rows.height
+
+    return _optimistic(ws, attempt)
+
+
+def _drain_shelves(ws: Workspace, *, at_least: int) -> int:
+    """Move the rows of shelves holding at least ``at_least`` to their leaves, in commits that each
+    rewrite leaves of about SPLIT_BATCH_ROWS rows in all (memory stays bounded: when ids are
+    uniform, every shelf fills at once). Returns the rows moved."""
+    leaves = _leaves(_locked_table(ws))
+    shelves = leaves.filter(_in_inbox() & (pl.col(_BUCKET) != INBOX) & (pl.col("rows") >= at_least))
+    if shelves.is_empty():
         return 0
-    ids = pl.scan_delta(dt).filter(pl.col(_BUCKET) == INBOX).select("image_id").collect()["image_id"]
-    targets = (pl.DataFrame({_BUCKET: _leaf_of(ids, _leaf_keys(leaves)).unique().sort()})
-               .join(leaves.select(_BUCKET, "rows"), on=_BUCKET, how="left").with_columns(pl.col("rows").fill_null(0)))
-    batches = targets.with_columns(((pl.col("rows") + 1).cum_sum() // SPLIT_BATCH_ROWS).alias("batch"))
-    for _, part in batches.group_by("batch", maintain_order=True):
-        _rewrite(ws, _no_updates(), _no_updates(), drain=set(part[_BUCKET].to_list()), note="drain inbox", maintenance=False)
-    return n
+    # A shelf's cost is its bucket's leaves' rows and its own.
+    bucket_rows = (leaves.filter(~_in_inbox()).group_by(pl.col(_BUCKET).str.slice(0, BUCKET_CHARS).alias("b"))
+                   .agg(pl.col("rows").sum().alias("leaf_rows")))
+    plan = (shelves.with_columns(pl.col(_BUCKET).str.slice(len(INBOX)).alias("b"))
+            .join(bucket_rows, on="b", how="left")
+            .with_columns(((pl.col("rows") + pl.col("leaf_rows").fill_null(0)).cum_sum() // SPLIT_BATCH_ROWS).alias("batch")))
+    for _, part in plan.group_by("batch", maintain_order=True):
+        _rewrite(ws, _no_updates(), _no_updates(), drain=set(part[_BUCKET].to_list()),
+                 note=f"drain {part.height} shelves", maintenance=False)
+    return int(shelves["rows"].sum())
+
+
+def _optimistic(ws: Workspace, attempt: Callable) -> int:
+    """``attempt(dt)``, a read-modify-write committing on the snapshot ``dt`` it is given, under the
+    lock: a conflicting commit from outside it makes it start again, never a stale frame committed."""
+    from deltalake.exceptions import CommitFailedError
+
+    for n in range(_RETRIES):
+        try:
+            return attempt(_locked_table(ws))
+        except CommitFailedError:
+            if n == _RETRIES - 1:
+                raise
+            time.sleep(0.01 * 2**n)
+    raise AssertionError("unreachable")
 
 
 def version(ws: Workspace) -> int | None:
@@ -597,12 +676,12 @@ def partitions(ws: Workspace) -> list[str]:
 
 def read_partition(ws: Workspace, key: str, version: int | None = None) -> pl.DataFrame:
     """The rows of partition ``key`` (see ``partitions``) at ``version``: only its leaves' files
-    are read, plus the inbox's rows that belong to it."""
+    are read, its shelf, and the inbox's rows that belong to it."""
     if not _prepare(ws):
         return empty()
     dt = _open_version(ws, version)
     leaves = [k for k in _leaf_keys(_leaves(dt)) if k.startswith(key)]
-    df = _scan_version(dt, version, [*leaves, INBOX]).filter(pl.col("image_id").str.starts_with(key))
+    df = _scan_version(dt, version, [*leaves, INBOX, INBOX + key]).filter(pl.col("image_id").str.starts_with(key))
     return ensure_columns(_visible(df), SCHEMA)
 
 
@@ -614,8 +693,9 @@ def ensure_columns(df: pl.DataFrame, columns: Mapping[str, pl.DataType]) -> pl.D
 
 def append(ws: Workspace, rows: pl.DataFrame) -> int:
     """Commit new rows, without reading the catalog: cost is flat in its size, except that once
-    every INBOX_MAX_ROWS small-append rows one append also moves the inbox to its leaves (a
-    rewrite of most leaves: amortised, it is what a scrape pays for proportional merges).
+    every INBOX_MAX_ROWS small-append rows one append also shelves the inbox, and once the shelves
+    are full drains them to the leaves (a rewrite of most leaves: amortised, it is what a scrape
+    pays for proportional merges).
 
     For rows the caller knows are new (it keeps the ids it has seen). Should one not be, nothing is
     lost or doubled: readers keep the first row of an image_id, the one already there.
@@ -636,7 +716,7 @@ def append(ws: Workspace, rows: pl.DataFrame) -> int:
         dt = _write_frame(ws, _with_hidden(frame, _next_seq(ws), inbox=inbox, keys=keys), mode="append",
                           note=f"append {rows.height}", dt=dt)
         if inbox and _inbox_size(dt) >= INBOX_MAX_ROWS:  # keep what a merge may have to rewrite small
-            _drain_inbox(ws)
+            _drain_inbox(ws, full_only=True)
     return rows.height
 
 
@@ -660,35 +740,40 @@ def merge(ws: Workspace, updates: pl.DataFrame, columns: Iterable[str] | None = 
 
 def _rewrite(ws: Workspace, updates: pl.DataFrame, new: pl.DataFrame, *, note: str, drain: set[str] | None = None,
              extra: Iterable[str] = (), maintenance: bool = True, declare: Mapping[str, pl.DataType] | None = None) -> int:
-    """Replace the leaves that ``updates`` and ``new`` touch (and ``extra``; with ``drain``, those
-    leaves and the inbox, moving the inbox's rows that belong to them) by their updated contents plus the new rows,
-    splitting those grown past LEAF_MAX_ROWS, in one commit. Called under the lock; a conflicting
-    commit from outside it makes the whole read-modify-write start again, never a stale frame
-    committed. Returns the rows of ``updates`` matched."""
-    from deltalake.exceptions import CommitFailedError
+    """Replace the leaves that ``updates`` and ``new`` touch (and ``extra``; with ``drain``, a set of
+    shelves, those shelves and the leaves their rows move to) by their updated contents plus the
+    new rows, splitting those grown past LEAF_MAX_ROWS, in one commit. Called under the lock (see
+    ``_optimistic``). Returns the rows of ``updates`` matched."""
 
-    for attempt in range(_RETRIES):
-        dt = _locked_table(ws)
+    def attempt(dt) -> int:
         leaves = _leaves(dt)
         keys = _leaf_keys(leaves)
-        in_inbox = _inbox_rows(leaves)
-        inbox_ids = (pl.scan_delta(dt).filter(pl.col(_BUCKET) == INBOX).select("image_id").collect()["image_id"]
-                     if in_inbox and not drain and not updates.is_empty() else pl.Series("image_id", [], pl.Utf8))
-        # Leave the inbox alone unless a row it holds changes: rewriting it costs what it holds.
-        hits_inbox = bool(drain) or inbox_ids.is_in(updates["image_id"].implode()).any()
+        # The inbox and shelves that hold a row of the update (only those are rewritten: rewriting
+        # one costs what it holds); found from the ids of the inbox and the update's shelves alone.
+        if drain:
+            hit = set(drain)
+        elif updates.is_empty():
+            hit = set()
+        else:
+            parts = set(leaves[_BUCKET].to_list()) & {INBOX, *_shelf_of(updates["image_id"]).unique().to_list()}
+            hit = set(pl.scan_delta(dt).filter(pl.col(_BUCKET).is_in(sorted(parts)))
+                      .filter(pl.col("image_id").is_in(updates["image_id"].implode()))
+                      .select(_BUCKET).unique().collect()[_BUCKET].to_list()) if parts else set()
         ids = pl.concat([updates["image_id"], new["image_id"]])
-        touched = set(_leaf_of(ids, keys).to_list()) | set(extra) | (drain or set())
+        if drain:
+            ids = pl.concat([ids, pl.scan_delta(dt).filter(pl.col(_BUCKET).is_in(sorted(drain)))
+                             .select("image_id").collect()["image_id"]])
+        touched = set(_leaf_of(ids, keys).to_list()) | set(extra)
         existing = sorted(touched & set(keys))
-        if hits_inbox and not drain and existing:
-            # Rows of the update in the inbox: their future leaves stay as they are unless one holds
-            # an earlier copy of one (a raced-in append: that copy is the row). Found from the ids
-            # alone: a merge of freshly appended rows rewrites the inbox, not a leaf per row.
+        if hit and not drain and existing:
+            # Rows of the update in the inbox or a shelf: their future leaves stay as they are unless
+            # one holds an earlier copy of one (a raced-in append: that copy is the row). A merge of
+            # freshly appended rows rewrites the inbox, not a leaf per row.
             held = (pl.scan_delta(dt).filter(pl.col(_BUCKET).is_in(existing)).select(_BUCKET, "image_id")
                     .filter(pl.col("image_id").is_in(updates["image_id"].implode())).collect())
             needed = set(held[_BUCKET].to_list()) | set(_leaf_of(new["image_id"], keys).to_list()) | set(extra)
             existing = [k for k in existing if k in needed]
-        cur = _scan(dt, [*existing, *([INBOX] if hits_inbox else [])])
-        cur = _first_rows(cur)  # drops raced-in copies
+        cur = _first_rows(_scan(dt, [*existing, *sorted(hit)]))  # drops raced-in copies
         matched = cur.filter(pl.col("image_id").is_in(updates["image_id"].implode())).height
         schema = dict(cur.schema)
         out = update(cur, _storable(updates, schema))
@@ -699,20 +784,15 @@ def _rewrite(ws: Workspace, updates: pl.DataFrame, new: pl.DataFrame, *, note: s
         if declare:
             out = ensure_columns(out, declare)
         if drain:
-            leaf = _leaf_of(out["image_id"], keys)
-            move = (pl.col(_BUCKET) == INBOX) & leaf.is_in(sorted(drain))
-            out = out.with_columns(pl.when(move).then(leaf).otherwise(pl.col(_BUCKET)).alias(_BUCKET))
+            move = pl.col(_BUCKET).is_in(sorted(drain))
+            out = out.with_columns(pl.when(move).then(_leaf_of(out["image_id"], keys)).otherwise(pl.col(_BUCKET)).alias(_BUCKET))
         out = _split(out)
-        rewritten = set(existing) | set(out[_BUCKET].unique().to_list()) | ({INBOX} if hits_inbox else set())
-        try:
-            _write_frame(ws, out, mode="overwrite", predicate=f"{_BUCKET} IN ({_in_list(rewritten)})", note=note,
-                         retries=1, maintenance=maintenance and not drain, dt=dt)
-            return matched
-        except CommitFailedError:
-            if attempt == _RETRIES - 1:
-                raise
-            time.sleep(0.01 * 2**attempt)
-    raise AssertionError("unreachable")
+        rewritten = set(existing) | set(out[_BUCKET].unique().to_list()) | hit
+        _write_frame(ws, out, mode="overwrite", predicate=f"{_BUCKET} IN ({_in_list(rewritten)})", note=note,
+                     retries=1, maintenance=maintenance and not drain, dt=dt)
+        return matched
+
+    return _optimistic(ws, attempt)
 
 
 def write(ws: Workspace, df: pl.DataFrame) -> None:

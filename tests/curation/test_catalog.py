@@ -385,16 +385,16 @@ def test_reads_equal_the_expected_frame_through_appends_merges_and_maintenance(w
     assert parts.sort("image_id").equals(got.sort("image_id"))
 
 
-def test_inbox_drains_once_per_inbox_max_rows_and_merges_of_its_rows_leave_the_leaves(workspace, monkeypatch):
-    """Appends up to INBOX_MAX_ROWS go to the inbox and only a full inbox is drained (what amortises
-    a drain's whole-table rewrite); a merge of rows still in the inbox rewrites the inbox only, not
+def test_inbox_is_shelved_once_per_inbox_max_rows_and_merges_of_its_rows_leave_the_leaves(workspace, monkeypatch):
+    """Appends up to INBOX_MAX_ROWS go to the inbox and only a full inbox is shelved (what amortises
+    moving rows to their leaves); a merge of rows still in the inbox rewrites the inbox only, not
     the leaves they will move to, unless a leaf holds an earlier copy of one (that copy is the row)."""
     monkeypatch.setattr(catalog, "INBOX_MAX_ROWS", 12)
     ids = _hex_ids(60)
     catalog.write(workspace, catalog.rows_frame([row(i) for i in ids[:30]]))
     leaves = _leaf_sizes(workspace)
     v = catalog.version(workspace)
-    for lo in (30, 35):  # 10 rows: below the cap, no drain
+    for lo in (30, 35):  # 10 rows: below the cap, no shelving
         catalog.append(workspace, catalog.rows_frame([row(i) for i in ids[lo:lo + 5]]))
     assert catalog.version(workspace) == v + 2 and _leaf_sizes(workspace) == {**leaves, catalog.INBOX: 10}
     # rows in the inbox whose leaves exist: only the inbox is rewritten
@@ -407,12 +407,93 @@ def test_inbox_drains_once_per_inbox_max_rows_and_merges_of_its_rows_leave_the_l
     catalog.merge(workspace, pl.DataFrame({"image_id": [ids[0]], "clip_score": [0.75]}))
     got = catalog.read(workspace).filter(pl.col("image_id") == ids[0]).row(0, named=True)
     assert (got["label"], got["clip_score"]) == ("a", 0.75)
-    # the append that fills the inbox drains it: every row moves to its leaf, none lost
+    # the append that fills the inbox shelves it: every row moves to its bucket's shelf, none lost
     catalog.append(workspace, catalog.rows_frame([row(i) for i in ids[40:45]]))
-    assert catalog.INBOX not in _leaf_sizes(workspace)
+    sizes = _leaf_sizes(workspace)
+    assert catalog.INBOX not in sizes and sizes["in0a"] + sizes["in0b"] == 15  # the merge dropped the raced copy
     got = catalog.read(workspace)
     assert got["image_id"].to_list() == ids[:40] + ids[40:45] and got.height == 45
     assert got.filter(pl.col("image_id").is_in([ids[30], ids[31]]))["clip_score"].to_list() == [0.25, 0.5]
+    assert got.filter(pl.col("image_id") == ids[0]).row(0, named=True)["clip_score"] == 0.75
+
+
+def _note(ws, v):
+    return next((a["commitInfo"].get("jurassiclass", "") for a in catalog._log_actions(ws.table_path, v) if "commitInfo" in a), "")
+
+
+def _shelf_rows(ws):
+    return {k: n for k, n in _leaf_sizes(ws).items() if k.startswith(catalog.INBOX) and k != catalog.INBOX}
+
+
+def test_shelving_rewrites_no_shelf_and_full_shelves_drain_to_their_leaves_only(workspace, monkeypatch):
+    """A full inbox moves to the shelves of its rows' buckets in one commit that removes the inbox's
+    files only (shelved rows are never rewritten by it); a merge of a shelved row rewrites its shelf
+    only; a shelf that reaches SHELF_MAX_ROWS moves to its bucket's leaves, the other buckets untouched."""
+    monkeypatch.setattr(catalog, "INBOX_MAX_ROWS", 6)
+    monkeypatch.setattr(catalog, "SHELF_MAX_ROWS", 8)
+    monkeypatch.setattr(catalog, "LEAF_MAX_ROWS", 6)
+    ids = [f"{b}{i:062x}" for i in range(40) for b in ("0a", "0b", "0c")]
+    base = catalog.rows_frame([row(i) for i in ids[:30]])
+    catalog.write(workspace, base)
+    leaves = {k: n for k, n in _leaf_sizes(workspace).items() if not k.startswith(catalog.INBOX)}
+    expected = catalog.read(workspace)
+    nxt = 30
+    for _ in range(2):  # two shelvings: 6 rows each, two per bucket
+        for _ in range(3):
+            new = catalog.rows_frame([row(i) for i in ids[nxt:nxt + 2]])
+            catalog.append(workspace, new)
+            expected, _ = catalog.add(expected, new)
+            nxt += 2
+        st = catalog.commit_stats(workspace)
+        assert st["leaves_removed"] == [catalog.INBOX] and st["files_added"] == 3 and st["rows_added"] == 6
+    assert _shelf_rows(workspace) == {"in0a": 4, "in0b": 4, "in0c": 4}
+    assert {k: n for k, n in _leaf_sizes(workspace).items() if not k.startswith(catalog.INBOX)} == leaves
+    # a merge of a shelved row: its shelf is rewritten, no leaf, no other shelf
+    upd = pl.DataFrame({"image_id": [ids[31]], "status": ["accepted"]})
+    assert catalog.merge(workspace, upd) == 1
+    expected = catalog.update(expected, upd)
+    assert catalog.commit_stats(workspace)["leaves_removed"] == ["in0b"]
+    # every row is read once, whole and by partition, shelved or not
+    got = catalog.read(workspace)
+    assert got.equals(expected.select(got.columns))
+    parts = pl.concat([catalog.read_partition(workspace, k) for k in catalog.partitions(workspace)])
+    assert parts.sort("image_id").equals(got.sort("image_id"))
+    # two more shelvings fill every shelf to 8: they drain, each into its own bucket's leaves
+    monkeypatch.setattr(catalog, "SPLIT_BATCH_ROWS", 1)
+    v0 = catalog.version(workspace)
+    for _ in range(4):
+        new = catalog.rows_frame([row(i) for i in ids[nxt:nxt + 3]])
+        catalog.append(workspace, new)
+        expected, _ = catalog.add(expected, new)
+        nxt += 3
+    assert _shelf_rows(workspace) == {} and catalog.INBOX not in _leaf_sizes(workspace)
+    assert max(_leaf_sizes(workspace).values()) <= 6
+    notes = {v: _note(workspace, v) for v in range(v0 + 1, catalog.version(workspace) + 1)}
+    drains = [catalog.commit_stats(workspace, v) for v, n in notes.items() if n.startswith("drain")]
+    assert len(drains) == 3  # a commit per shelf (SPLIT_BATCH_ROWS = 1)
+    for st in drains:
+        shelf = [k for k in st["leaves_removed"] if k.startswith(catalog.INBOX)]
+        assert len(shelf) == 1 and all(k == shelf[0] or k.startswith(shelf[0][2:]) for k in st["leaves_removed"])
+        assert len(st["leaves_removed"]) > 1  # the bucket's leaves with it
+    got = catalog.read(workspace)
+    assert got.equals(expected.select(got.columns)) and got.height == nxt
+
+
+def test_a_shelf_the_statistics_cannot_vouch_for_is_rewritten_not_lost(workspace, monkeypatch):
+    """Shelving's predicate spares shelved rows older than the inbox's; a clock set back (shelved
+    rows with a later _seq than the inbox's) makes it rewrite those shelves with the rows moved to
+    them, so no shelved row is deleted."""
+    monkeypatch.setattr(catalog, "INBOX_MAX_ROWS", 4)
+    ids = [f"{b}{i:062x}" for i in range(8) for b in ("0a", "0b")]
+    catalog.append(workspace, catalog.rows_frame([row(i) for i in ids[:4]]))  # shelved at once
+    assert _shelf_rows(workspace) == {"in0a": 2, "in0b": 2}
+    late = catalog._next_seq(workspace)
+    monkeypatch.setattr(catalog, "_next_seq", lambda ws: late - 10**12)  # the clock set back
+    catalog.append(workspace, catalog.rows_frame([row(i) for i in ids[4:8]]))
+    assert _shelf_rows(workspace) == {"in0a": 4, "in0b": 4}
+    assert sorted(catalog.commit_stats(workspace)["leaves_removed"]) == ["in", "in0a", "in0b"]
+    got = catalog.read(workspace)
+    assert sorted(got["image_id"].to_list()) == sorted(ids[:8])
 
 
 def test_first_layout_table_is_split_by_use_and_maintenance(workspace, monkeypatch):
@@ -447,8 +528,8 @@ def _stats_columns(workspace, version: int) -> set[str]:
     return {c for a in acts if "add" in a for c in json.loads(a["add"]["stats"])["minValues"]}
 
 
-def test_file_statistics_cover_image_id_only_also_on_tables_made_before(workspace):
-    """Statistics of image_id only (the log stays small as stages add columns), for new tables and,
+def test_file_statistics_cover_image_id_and_seq_only_also_on_tables_made_before(workspace):
+    """Statistics of image_id and _seq only (the log stays small as stages add columns), for new tables and,
     once maintenance has run, for the files later commits write into a table made before the setting."""
     ids = [f"{i:064x}" for i in range(6)]
     old = catalog._with_hidden(catalog.ensure_columns(catalog.rows_frame([row(i) for i in ids[:3]]), catalog.SCHEMA), 1)
@@ -457,15 +538,15 @@ def test_file_statistics_cover_image_id_only_also_on_tables_made_before(workspac
     assert {"image_id", "label", "status"} <= _stats_columns(workspace, catalog.version(workspace))
     catalog.maintain(workspace)
     catalog.append(workspace, catalog.rows_frame([row(ids[4])]))
-    assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id"}
+    assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id", "_seq"}
     catalog.merge(workspace, pl.DataFrame({"image_id": [ids[1]], "clip_score": [0.5]}))
-    assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id"}
+    assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id", "_seq"}
     assert catalog.read(workspace)["image_id"].to_list() == ids[:5]
 
 
-def test_new_tables_keep_statistics_of_image_id_only(workspace):
+def test_new_tables_keep_statistics_of_image_id_and_seq_only(workspace):
     catalog.append(workspace, catalog.rows_frame([row(f"{i:064x}") for i in range(3)]))
-    assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id"}
+    assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id", "_seq"}
 
 
 def test_a_table_made_again_at_the_same_path_is_not_caught_up_from_the_old_one(workspace):
