@@ -154,21 +154,18 @@ LEAF_MAX_ROWS = 2048  # a merge of one row rewrites at most this many (measured:
 SPLIT_BATCH_ROWS = 1_000_000  # maintenance splits leaves in commits of about this many rows
 INBOX = "in"
 # The inbox is shelved once it holds INBOX_MAX_ROWS rows; an append of more goes straight to the
-# leaves. Moving the inbox to the leaves directly rewrites nearly every leaf, so it costs the table's
-# size whatever the inbox holds (measured at 1M rows: 5.0 s for 10k inbox rows, 4.8 s for 200k):
-# per appended row table size / INBOX_MAX_ROWS, the share that kept 10M-row appends at 2.4x the
-# 10k cost. Shelving costs the inbox's size; a shelf drains once it holds SHELF_MAX_ROWS, and as ids
-# are uniform all shelves fill together: per appended row the leaves' rewrite costs table size /
-# (256 x SHELF_MAX_ROWS), 10x less. A merge that hits a shelved row rewrites that shelf (at most
-# SHELF_MAX_ROWS rows, a leaf's order of size), and read_partition reads its shelf whole.
-# What a bigger inbox costs is constant in
-# the table's size: a merge that hits a row in it rewrites it (measured at 1M, 50 inbox rows:
-# 0.16 s with 10k rows in it, 0.35 s with 100k; 5,000: 0.4 s, 0.7 s) and read_partition filters it
-# (47 ms a call with 10k, 68 ms with 100k, ~150 ms with 200k). 100k amortises a drain over 10x the
-# rows of 10k (at 1M: ~2.5 ms per 50-row append instead of ~25; at 10M ~15 ms instead of ~150)
-# for ~0.2 s on merges that hit a full inbox. Draining by appending the rows to their leaves as new files instead (no
-# rewrite) measured 2.4 s for 100k rows at 1M (a file per leaf), and the next compaction then
-# rewrote every leaf: 17.8 s.
+# leaves. Moving rows to the leaves rewrites nearly every leaf, so it costs the table's size whatever
+# it moves (at 1M rows: 5.0 s for 10k inbox rows, 4.8 s for 200k). Draining the inbox straight to
+# the leaves cost 326 us per appended row at 10M (32.6 s per 100k), which kept 50-row appends at
+# 2.4x the 10k cost. Shelving costs the inbox's size (0.8 s per 100k rows at 10M, no shelf
+# rewritten); as ids are uniform every shelf reaches SHELF_MAX_ROWS at about the same time, and
+# their drain rewrites the leaves once per 256 x SHELF_MAX_ROWS rows (60 s per 1M at 10M): 65 us a
+# row in all, 5x less. A merge that hits a shelved row rewrites its shelf (at most SHELF_MAX_ROWS
+# rows, a few leaves' worth) and read_partition reads its shelf whole. A bigger inbox costs merges
+# that hit it (at 1M, 50 rows: 0.16 s with 10k rows in it, 0.35 s with 100k) and read_partition,
+# which filters it (47 ms a call with 10k, 68 ms with 100k). Draining by appending the rows to
+# their leaves as new files (no rewrite) measured 2.4 s for 100k rows at 1M (a file per leaf), and
+# the next compaction then rewrote every leaf: 17.8 s.
 INBOX_MAX_ROWS = 100_000
 SHELF_MAX_ROWS = 4096
 _BUCKET, _SEQ = "_bucket", "_seq"
@@ -524,11 +521,16 @@ def maintain(ws: Workspace, *, retention_hours: int = RETENTION_HOURS, drain: bo
 
 
 def _tidy(table: Path, retention_hours: int) -> tuple[int, int]:
-    """Compact the Delta table at ``table``'s small files, checkpoint its log and delete files no
-    version younger than ``retention_hours`` reads: (files compacted, files vacuumed)."""
+    """Compact the Delta table at ``table``'s small files (not the shelves'), checkpoint its log and
+    delete files no version younger than ``retention_hours`` reads: (files compacted, files vacuumed)."""
     from deltalake import DeltaTable
 
-    stats = DeltaTable(str(table)).optimize.compact()
+    dt = DeltaTable(str(table))
+    # A shelf gains a file per shelving, about SHELF_MAX_ROWS x 256 / INBOX_MAX_ROWS (~10) before
+    # it drains: compacting them would rewrite every shelf after each shelving, all shelves holding
+    # up to 256 x SHELF_MAX_ROWS rows, more than the drain it defers.
+    shelves = _files(dt).filter(_in_inbox() & (pl.col(_BUCKET) != INBOX))[_BUCKET].unique().sort().to_list()
+    stats = dt.optimize.compact(partition_filters=[(_BUCKET, "not in", shelves)] if shelves else None)
     dt = DeltaTable(str(table))
     _checkpoint(table, dt)
     # full: also files no commit names (a writer killed mid-commit), once older than the retention.
@@ -545,11 +547,6 @@ def _inbox_size(dt) -> int:
     """Rows in the inbox of the table ``dt``, from the log's file statistics: what `_inbox_rows`
     gives without grouping every file into leaves (at 10M rows, ~10k files: 0.5 ms, not 4)."""
     return int(_files(dt).filter(pl.col(_BUCKET) == INBOX)["rows"].sum())
-
-
-def _shelved_rows(leaves: pl.DataFrame) -> int:
-    """Rows on the shelves, from ``_leaves``."""
-    return int(leaves.filter(_in_inbox() & (pl.col(_BUCKET) != INBOX))["rows"].sum())
 
 
 def _inbox_rows(leaves: pl.DataFrame) -> int:

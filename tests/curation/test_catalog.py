@@ -448,6 +448,11 @@ def test_shelving_rewrites_no_shelf_and_full_shelves_drain_to_their_leaves_only(
         assert st["leaves_removed"] == [catalog.INBOX] and st["files_added"] == 3 and st["rows_added"] == 6
     assert _shelf_rows(workspace) == {"in0a": 4, "in0b": 4, "in0c": 4}
     assert {k: n for k, n in _leaf_sizes(workspace).items() if not k.startswith(catalog.INBOX)} == leaves
+    # compaction leaves the shelves' files alone (a shelf drains whole; compacting each shelving's
+    # file into it would rewrite every shelf every time)
+    assert catalog.maintain(workspace, drain=False)["inbox_rows_moved"] == 0
+    files = catalog._leaves(catalog._open(workspace))
+    assert files.filter(pl.col(catalog._BUCKET).str.starts_with("in0"))["files"].to_list() == [2, 2, 2]
     # a merge of a shelved row: its shelf is rewritten, no leaf, no other shelf
     upd = pl.DataFrame({"image_id": [ids[31]], "status": ["accepted"]})
     assert catalog.merge(workspace, upd) == 1
