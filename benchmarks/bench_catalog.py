@@ -24,7 +24,7 @@ For catalogs of 10k, 1M (and 10M with --big) rows:
 
     .venv/bin/python benchmarks/bench_catalog.py [--big] [--sizes 10000,1000000]
     .venv/bin/python benchmarks/bench_catalog.py --sizes 10000,10000000 --rows 50,5000 --commits 1 \
-        --no-maintain --sequence 0  # 10M, reduced (5-15 min, ~6 GB; the 10k beside it for the goals)
+        --no-maintain --sequence 0  # 10M, reduced (~20 min, ~6 GB; the 10k beside it for the goals)
 
 Rows look like the catalog's: sha256 ids, label, path, size, source URL, status, timestamps and
 two stage columns. Timings are wall-clock on a shared 2-core machine: one run each.
