@@ -153,8 +153,9 @@ BUCKET_CHARS = 2
 # A merge of one row rewrites at most LEAF_MAX_ROWS rows (~2 MB, a few ms). Every commit costs
 # delta-rs time in the table's file count, about one per leaf (measured at 10M rows, 50-row
 # appends, 20 a cell: 47.5 ms with leaves of <= 2,048 rows, 9,929 files; 34-44 ms with <= 4,096,
-# 5,065 files; 10k rows: 23 ms), and a 50-row merge at 10M costs the same with either (385 vs 390 ms:
-# finding and reading rows, not writing them, dominates).
+# 5,065 files; 10k rows: 23 ms). A 50-row merge at 10M costs the same with either (385 vs 390 ms:
+# finding and reading rows dominates); at 1M, where every bucket is one leaf, it costs more with
+# 4,096 (378 ms, 157k rows written, against 217 ms, 49k): the price of flat appends.
 LEAF_MAX_ROWS = 4096
 SPLIT_BATCH_ROWS = 1_000_000  # maintenance splits leaves in commits of about this many rows
 INBOX = "in"
@@ -162,10 +163,11 @@ INBOX = "in"
 # leaves. Moving rows to the leaves rewrites nearly every leaf, so it costs the table's size whatever
 # it moves (at 1M rows: 5.0 s for 10k inbox rows, 4.8 s for 200k). Draining the inbox straight to
 # the leaves cost 326 us per appended row at 10M (32.6 s per 100k), which kept 50-row appends at
-# 2.4x the 10k cost. Shelving costs the inbox's size (0.8 s per 100k rows at 10M, no shelf
+# 2.4x the 10k cost. Shelving costs the inbox's size (0.6 s per 100k rows at 10M, no shelf
 # rewritten); as ids are uniform every shelf reaches SHELF_MAX_ROWS at about the same time, and
-# their drain rewrites the leaves once per 256 x SHELF_MAX_ROWS rows (60 s per 1M at 10M): 65 us a
-# row in all, 5x less. A merge that hits a shelved row rewrites its shelf (at most SHELF_MAX_ROWS
+# their drain rewrites the leaves once per 256 x SHELF_MAX_ROWS rows (43 s per 1M at 10M): 47 us a
+# row in all, 7x less. Full shelves add ~70 ms to a 50-row merge at 1M (the ids of the shelves it
+# touches are read: 448 vs 378 ms), ~140 ms when its rows are shelved. A merge that hits a shelved row rewrites its shelf (at most SHELF_MAX_ROWS
 # rows, a leaf's worth) and read_partition reads its shelf whole. A bigger inbox costs merges
 # that hit it (at 1M, 50 rows: 0.16 s with 10k rows in it, 0.35 s with 100k) and read_partition,
 # which filters it (47 ms a call with 10k, 68 ms with 100k). Draining by appending the rows to
