@@ -243,7 +243,7 @@ def test_periodic_compaction_and_vacuum_keep_rows(workspace, monkeypatch):
         catalog.append(workspace, catalog.rows_frame([row(i)]))
     live = catalog._open(workspace).file_uris()
     assert len(live) < 6, "the inbox should have been drained and its bucket compacted"
-    assert catalog._inbox_rows(catalog._leaves(catalog._open(workspace))) < 3
+    assert catalog._inbox_size(catalog._open(workspace)) < 3
     assert catalog.read(workspace)["image_id"].to_list() == ids
     assert catalog.read(workspace, version=2).height == 3  # inside the retention: still readable
     catalog.maintain(workspace, retention_hours=0)
