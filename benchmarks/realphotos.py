@@ -953,8 +953,6 @@ def carve_jpegs(path: Path) -> list[Image.Image]:
     return out
 
 
-
-
 def collect_fresh2(x: Path) -> list[Original]:
     out: list[Original] = []
     en = x / "enlightenment-data/usr/share/enlightenment/data/backgrounds"
@@ -992,15 +990,14 @@ FRESH3_OPENCV = ["HappyFish", "aero1", "aloeL", "apple", "baboon", "basketball1"
 
 def collect_fresh3(x: Path) -> list[Original]:
     out: list[Original] = []
-    dirs = {"tuxpaint-data": ["usr/share/tuxpaint/templates"], "palapeli-data": ["usr/share/palapeli/collection"],
-            "python3-sklearn": ["usr/lib/python3/dist-packages/sklearn/datasets/images"],
-            "sddm-theme-maldives": ["usr/share/sddm/themes/maldives"], "scribus-template": ["usr/share/scribus/templates"],
-            "terminology-data": ["usr/share/terminology/backgrounds"]}
-    for pkg, ds in dirs.items():
-        for d in ds:
-            for p in sorted((x / pkg / d).rglob("*")):
-                if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
-                    out += _original(f"{pkg}/{p.relative_to(x / pkg / d).with_suffix('')}", pkg, x / pkg, p)
+    dirs = {"tuxpaint-data": "usr/share/tuxpaint/templates", "palapeli-data": "usr/share/palapeli/collection",
+            "python3-sklearn": "usr/lib/python3/dist-packages/sklearn/datasets/images",
+            "sddm-theme-maldives": "usr/share/sddm/themes/maldives", "scribus-template": "usr/share/scribus/templates",
+            "terminology-data": "usr/share/terminology/backgrounds"}
+    for pkg, d in dirs.items():
+        for p in sorted((x / pkg / d).rglob("*")):
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                out += _original(f"{pkg}/{p.relative_to(x / pkg / d).with_suffix('')}", pkg, x / pkg, p)
     cv = x / "opencv-doc/usr/share/doc/opencv-doc/examples/data"
     for name in FRESH3_OPENCV:
         for p in sorted(cv.glob(f"{name}.*")):
