@@ -554,6 +554,26 @@ def test_new_tables_keep_statistics_of_image_id_and_seq_only(workspace):
     assert _stats_columns(workspace, catalog.version(workspace)) == {"image_id", "_seq"}
 
 
+def test_data_files_are_zstd_without_dictionaries_for_per_image_columns(workspace):
+    """Appends, merges, compaction and sightings all write through ``_writer_properties``."""
+    import pyarrow.parquet as pq
+
+    ids = [f"{i:064x}" for i in range(4)]
+    catalog.append(workspace, catalog.rows_frame([row(i) for i in ids[:2]]))
+    catalog.merge(workspace, pl.DataFrame({"image_id": ids[:1], "clip_score": [0.5]}))
+    catalog.append(workspace, catalog.rows_frame([row(i) for i in ids[2:]]))
+    assert catalog.maintain(workspace, drain=False)["compacted_files"] == 2  # the inbox's two files
+    catalog.record_sightings(workspace, catalog.rows_frame([row(ids[0])], {c: catalog.SCHEMA[c] for c in catalog.SIGHTING_COLUMNS}))
+    files = [*workspace.table_path.rglob("*.parquet"), *workspace.sightings_dir.rglob("*.parquet")]
+    data = [f for f in files if "_delta_log" not in f.parts]
+    assert data and any(f.is_relative_to(workspace.sightings_dir) for f in data)
+    for f in data:
+        meta = pq.ParquetFile(f).metadata.row_group(0)
+        chunks = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+        assert {c.compression for c in chunks.values()} == {"ZSTD"}, f
+        assert not chunks["image_id"].has_dictionary_page and chunks["label"].has_dictionary_page, f
+
+
 def test_a_table_made_again_at_the_same_path_is_not_caught_up_from_the_old_one(workspace):
     """Commits keep the table open between calls; a catalog deleted and made again by someone else
     (up to the same version) is opened afresh, so a merge sees the new table's rows."""
