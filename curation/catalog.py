@@ -12,6 +12,7 @@ A workspace directory holds everything a run produces:
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
@@ -437,9 +438,16 @@ def _table_schema(ws: Workspace, dt=None) -> dict[str, pl.DataType]:
         if not _exists(ws):
             return {}
         dt = _open(ws)
-    import pyarrow as pa
+    return dict(_polars_schema(dt.schema().to_json()))
 
-    return dict(pl.from_arrow(pa.schema(dt.schema().to_arrow()).empty_table()).schema)
+
+@functools.lru_cache(maxsize=16)
+def _polars_schema(schema_json: str) -> dict[str, pl.DataType]:
+    """Polars types of a Delta schema, converted once per schema (4-9 ms of every append before)."""
+    import pyarrow as pa
+    from deltalake import Schema
+
+    return dict(pl.from_arrow(pa.schema(Schema.from_json(schema_json).to_arrow()).empty_table()).schema)
 
 
 def _in_list(keys: Iterable[str]) -> str:
