@@ -169,9 +169,9 @@ INBOX = "in"
 # before `_writer_properties` and the lighter `_split`): 36 us a row in all, 9x less. Full shelves
 # add ~70 ms to a 50-row merge at 1M (the ids of the shelves it touches are read: 448 vs 378 ms),
 # ~140 ms when its rows are shelved. A merge that hits a shelved row rewrites its shelf (at most
-# SHELF_MAX_ROWS rows, a leaf's worth) and read_partition reads its shelf whole. A bigger inbox costs merges
-# that hit it (at 1M, 50 rows: 0.16 s with 10k rows in it, 0.35 s with 100k) and read_partition,
-# which filters it (47 ms a call with 10k, 68 ms with 100k). Draining by appending the rows to
+# SHELF_MAX_ROWS rows, a leaf's worth) and read_partition reads its shelf whole. A bigger inbox
+# costs merges that hit it (at 1M, 50 rows: 0.16 s with 10k rows in it, 0.35 s with 100k) and
+# read_partition, which filters it (47 ms a call with 10k, 68 ms with 100k). Draining by appending the rows to
 # their leaves as new files (no rewrite) measured 2.4 s for 100k rows at 1M (a file per leaf), and
 # the next compaction then rewrote every leaf: 17.8 s.
 INBOX_MAX_ROWS = 100_000
@@ -1016,7 +1016,8 @@ def _append_sightings(ws: Workspace, rows: pl.DataFrame, *, note: str) -> None:
 
     rows = _storable(rows, _sightings_schema()).with_columns(
         (pl.int_range(pl.len(), dtype=pl.Int64) + time.time_ns()).alias(_SEQ))
-    opts = {"writer_properties": _writer_properties(), "commit_properties": CommitProperties(custom_metadata={"jurassiclass": note})}
+    opts = {"writer_properties": _writer_properties(),
+            "commit_properties": CommitProperties(custom_metadata={"jurassiclass": note})}
     _committed(lambda: rows.write_delta(str(ws.sightings_dir), mode="append", delta_write_options=opts))
     v = DeltaTable(str(ws.sightings_dir)).version()
     _sync(ws.sightings_dir, v)
