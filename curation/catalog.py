@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import polars as pl
 
@@ -171,9 +171,9 @@ INBOX = "in"
 # ~140 ms when its rows are shelved. A merge that hits a shelved row rewrites its shelf (at most
 # SHELF_MAX_ROWS rows, a leaf's worth) and read_partition reads its shelf whole. A bigger inbox
 # costs merges that hit it (at 1M, 50 rows: 0.16 s with 10k rows in it, 0.35 s with 100k) and
-# read_partition, which filters it (47 ms a call with 10k, 68 ms with 100k). Draining by appending the rows to
-# their leaves as new files (no rewrite) measured 2.4 s for 100k rows at 1M (a file per leaf), and
-# the next compaction then rewrote every leaf: 17.8 s.
+# read_partition, which filters it (47 ms a call with 10k, 68 ms with 100k). Draining by appending
+# the rows to their leaves as new files (no rewrite) measured 2.4 s for 100k rows at 1M (a file per
+# leaf), and the next compaction then rewrote every leaf: 17.8 s.
 INBOX_MAX_ROWS = 100_000
 SHELF_MAX_ROWS = 4096
 _BUCKET, _SEQ = "_bucket", "_seq"
@@ -188,6 +188,7 @@ COMPACT_EVERY = 100
 CHECKPOINT_EVERY = 50
 RETENTION_HOURS = 7 * 24
 _RETRIES = 8
+T = TypeVar("T")
 # File statistics for image_id and _seq only (Delta's default is the first 32 columns, so every
 # stage's columns): readers prune on image_id, shelving on _seq, and every commit replays and
 # rewrites the statistics of all files in the log (measured at 10M rows, 50-row append: 132 -> 100
@@ -330,16 +331,16 @@ def _split(df: pl.DataFrame) -> pl.DataFrame:
     if sizes.is_empty():
         return df
     is_big = pl.col(_BUCKET).is_in(sizes[_BUCKET].implode())
+    big = df.filter(is_big)
     # Only the (leaf, id) pairs are sorted, not the rows (2M rows: 0.65 s against 0.85 s, and no
     # gather of every column); the cuts' ids give the new keys, and rows find theirs by search.
-    pairs = df.filter(is_big).select(_BUCKET, "image_id").sort(_BUCKET, "image_id")
+    pairs = big.select(_BUCKET, "image_id").sort(_BUCKET, "image_id")
     keys = []
     for (leaf,), g in pairs.group_by(_BUCKET, maintain_order=True):
         n, ids = g.height, g["image_id"]
         pieces = -(-n // (LEAF_MAX_ROWS // 2))
         keys += [leaf] + [_separator(ids[n * j // pieces - 1], ids[n * j // pieces]) for j in range(1, pieces)]
     # A leaf's new keys lie in its own range, so the greatest new key <= an id is one of its leaf's.
-    big = df.filter(is_big)
     big = big.with_columns(_leaf_of(big["image_id"], sorted(keys)))
     return pl.concat([df.filter(~is_big), big], how="vertical")
 
@@ -481,18 +482,19 @@ def _write_frame(ws: Workspace, df: pl.DataFrame, *, mode: str, predicate: str |
     return dt
 
 
-def _committed(write: Callable[[], None], retries: int = _RETRIES) -> None:
-    """``write()`` (one Delta commit), retried with backoff while a writer outside our lock commits first."""
+def _committed(write: Callable[[], T], retries: int = _RETRIES) -> T:
+    """``write()`` (one Delta commit), retried with backoff while a writer outside our lock commits
+    first; returns what it returns."""
     from deltalake.exceptions import CommitFailedError
 
     for attempt in range(retries):
         try:
-            write()
-            return
+            return write()
         except CommitFailedError:
             if attempt == retries - 1:
                 raise
             time.sleep(0.01 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _checkpoint(table: Path, dt) -> None:
@@ -659,17 +661,9 @@ def _drain_shelves(ws: Workspace, *, at_least: int) -> int:
 
 def _optimistic(ws: Workspace, attempt: Callable) -> int:
     """``attempt(dt)``, a read-modify-write committing on the snapshot ``dt`` it is given, under the
-    lock: a conflicting commit from outside it makes it start again, never a stale frame committed."""
-    from deltalake.exceptions import CommitFailedError
-
-    for n in range(_RETRIES):
-        try:
-            return attempt(_locked_table(ws))
-        except CommitFailedError:
-            if n == _RETRIES - 1:
-                raise
-            time.sleep(0.01 * 2**n)
-    raise AssertionError("unreachable")
+    lock: a conflicting commit from outside it makes it start again on a fresh snapshot, never a
+    stale frame committed."""
+    return _committed(lambda: attempt(_locked_table(ws)))
 
 
 def version(ws: Workspace) -> int | None:
