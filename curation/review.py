@@ -232,9 +232,14 @@ def _load(manifest: Manifest, ws: Workspace, *, create: bool = False) -> "fo.Dat
         ds = fo.load_dataset(name)
         owner, owner_id = ds.info.get("workspace"), ds.info.get("workspace_id")
         if owner_id != wid and (owner_id or (owner and owner != str(ws.root))):
+            # Same path, other id: the workspace was deleted and made again; the dataset may hold
+            # decisions never pulled, so it is not taken over.
+            which = (f"an earlier workspace at {owner} (deleted or made again since)" if owner == str(ws.root)
+                     else f"workspace {owner}, not {ws.root}")
             raise ReviewError(
-                f"FiftyOne dataset {name!r} belongs to workspace {owner}, not {ws.root}: "
-                "set review.dataset_name in the manifest to review this workspace separately"
+                f"FiftyOne dataset {name!r} belongs to {which}: set review.dataset_name in the manifest to "
+                f"review this workspace separately, or delete the old dataset (python -c \"import fiftyone; "
+                f"fiftyone.delete_dataset({name!r})\") once its decisions are no longer needed"
             )
         if owner and owner != str(ws.root):
             _rebase(ds, Path(owner), ws.root)

@@ -277,6 +277,11 @@ def test_push_refuses_another_workspaces_dataset(mongo, tmp_path):
     review.push(m, make_workspace(tmp_path / "a", 1), show_progress=False)
     with pytest.raises(review.ReviewError, match="belongs to workspace"):
         review.push(m, make_workspace(tmp_path / "b", 1), show_progress=False)
+    # The workspace deleted and made again at the same path (a user starting over): still refused,
+    # and the message says so and how to go on, instead of naming the same path twice.
+    shutil.rmtree(tmp_path / "a")
+    with pytest.raises(review.ReviewError, match=r"earlier workspace at .*/a \(deleted or made again since\).*delete_dataset\('owned'\)"):
+        review.push(m, make_workspace(tmp_path / "a", 1), show_progress=False)
 
 
 def test_calibration_finds_the_reviewers_threshold(tmp_path):
