@@ -347,6 +347,19 @@ def review_calibrate(manifest: Path = ManifestOpt, workdir: Optional[Path] = Wor
     say(f"wrote {c.markdown} and {c.png}")
 
 
+@review_app.command("forget")
+def review_forget(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt,
+                  set_: Optional[list[str]] = SetOpt) -> None:
+    """Save the review dataset's tags and decisions in this workspace (decisions on its images pulled), then
+    delete the dataset (e.g. one an earlier, deleted workspace at this path left behind); push makes a new one."""
+    from curation import review
+
+    m, ws = open_run(manifest, workdir, set_)
+    s = review.forget(m, ws)
+    say(f"review forget: dataset {s.dataset!r} (workspace {s.owner}) deleted; its {s.samples} samples, "
+        f"{s.decisions} decided, saved to {s.saved}; {s.applied} of those decisions pulled into this workspace's images")
+
+
 @review_app.command("app")
 def review_launch(
     manifest: Path = ManifestOpt,

@@ -13,7 +13,8 @@ The human decision lives in the catalog columns `review_decision` (accept|reject
 `reviewer_rejected`) and `label` from them, and keeps what the pipeline had said in
 `pre_review_status/_reason/_label` so that a decision taken back in the App restores it.
 The dataset belongs to the workspace by an id kept inside it (`stages/review/workspace_id`), so a
-moved workspace keeps its dataset (sample files are re-pointed) and another one cannot take it.
+moved workspace keeps its dataset (sample files are re-pointed) and another one cannot take it;
+`forget` saves a dataset's decisions and deletes it (one an earlier, deleted workspace left).
 `push` never writes tags and never overwrites a `ground_truth` a reviewer has edited, so
 re-pushing after any upstream stage re-ran loses nothing; a dataset created afresh (new
 database) gets its tags back from the catalog.
@@ -25,6 +26,7 @@ Writes go through FiftyOne's public API, except new samples' insert (`curation/f
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -46,6 +48,7 @@ from curation.catalog import Status, Workspace
 from curation.config import Manifest, ThresholdMode
 from curation.errors import JurassiclassError
 from curation.progress import track
+from curation.store import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import fiftyone as fo
@@ -238,8 +241,8 @@ def _load(manifest: Manifest, ws: Workspace, *, create: bool = False) -> "fo.Dat
                      else f"workspace {owner}, not {ws.root}")
             raise ReviewError(
                 f"FiftyOne dataset {name!r} belongs to {which}: set review.dataset_name in the manifest to "
-                f"review this workspace separately, or delete the old dataset (python -c \"import fiftyone; "
-                f"fiftyone.delete_dataset({name!r})\") once its decisions are no longer needed"
+                f"review this workspace separately, or run `jurassiclass review forget -m <manifest>` to save "
+                f"its decisions in this workspace and delete it"
             )
         if owner and owner != str(ws.root):
             _rebase(ds, Path(owner), ws.root)
@@ -635,10 +638,34 @@ def pull(manifest: Manifest, ws: Workspace, *, calibrate_after: bool = True) -> 
     _mark_problems(ds, dec)
     for p, n in dec.filter(pl.col("problem").is_not_null()).group_by("problem").len().iter_rows():
         s.problems[p] = n
+    df, rows = _apply_decisions(ws, dec)
+    s.changed = len(rows)
+    s.cleared = sum(r["review_decision"] is None for r in rows)
+    decided = dec.filter(pl.col("decision").is_not_null())
+    s.reviewed = decided.height
+    s.rejected = decided.filter(pl.col("decision") == Decision.reject.value).height
+    s.relabelled = decided.filter(pl.col("decision") == Decision.relabel.value).height
+    s.accepted = s.reviewed - s.rejected
+    if rows:
+        _mirror(ds, manifest, df, [r["image_id"] for r in rows])
+    if calibrate_after and s.reviewed:
+        try:
+            s.calibration = calibrate(manifest, ws, df=df).png
+        except NothingToCalibrate:
+            pass  # e.g. scores were skipped offline: `review calibrate` says so when asked
+    return s
+
+
+def _apply_decisions(ws: Workspace, dec: pl.DataFrame, *, only_undecided: bool = False) -> tuple[pl.DataFrame, list[dict]]:
+    """Write ``dec`` (``_read_decisions``' frame) into the catalog's rows of the same image_id, as
+    ``pull`` does; with ``only_undecided``, only decisions, and only into rows no decision was
+    pulled into yet. Returns the catalog as it is now and the rows changed."""
     now = catalog.utcnow()
     with catalog.locked(ws):
         df = catalog.ensure_columns(catalog.read(ws), REVIEW_COLUMNS)
         j = df.join(dec, on="image_id", how="inner")
+        if only_undecided:
+            j = j.filter(pl.col("decision").is_not_null() & pl.col("review_decision").is_null())
         rows = []
         for r in j.iter_rows(named=True):
             d = r["decision"]
@@ -670,26 +697,12 @@ def pull(manifest: Manifest, ws: Workspace, *, calibrate_after: bool = True) -> 
                 want["reviewed_at"] = r["reviewed_at"] if same and r["reviewed_at"] else now
             if any(r[k] != v for k, v in want.items()):
                 rows.append({"image_id": r["image_id"], **want})
-                s.cleared += d is None
         if rows:
             upd = pl.DataFrame(rows, schema={"image_id": pl.Utf8, "status": pl.Utf8, "reason": pl.Utf8, "label": pl.Utf8,
                                              **REVIEW_COLUMNS})
-            df = catalog.update(df, upd)  # mirrored and calibrated from below
+            df = catalog.update(df, upd)
             catalog.merge(ws, catalog.changes(df, upd), declare=REVIEW_COLUMNS)
-        s.changed = len(rows)
-    decided = dec.filter(pl.col("decision").is_not_null())
-    s.reviewed = decided.height
-    s.rejected = decided.filter(pl.col("decision") == Decision.reject.value).height
-    s.relabelled = decided.filter(pl.col("decision") == Decision.relabel.value).height
-    s.accepted = s.reviewed - s.rejected
-    if rows:
-        _mirror(ds, manifest, df, [r["image_id"] for r in rows])
-    if calibrate_after and s.reviewed:
-        try:
-            s.calibration = calibrate(manifest, ws, df=df).png
-        except NothingToCalibrate:
-            pass  # e.g. scores were skipped offline: `review calibrate` says so when asked
-    return s
+    return df, rows
 
 
 def _mark_problems(ds: "fo.Dataset", dec: pl.DataFrame) -> None:
@@ -745,6 +758,54 @@ def status(manifest: Manifest, ws: Workspace) -> pl.DataFrame:
     ).sort("label")
     return out.select("label", "samples", "reviewed", "accepted", "relabelled_away", "rejected", "unclear",
                       "remaining", "done_pct", "pulled")
+
+
+# ---------------------------------------------------------------- forget
+
+
+@dataclass
+class ForgetSummary:
+    dataset: str
+    owner: str | None  # the workspace path the dataset named as its owner
+    samples: int = 0
+    decisions: int = 0  # samples the reviewers had decided (as pull reads tags and labels)
+    applied: int = 0  # of those, pulled into this workspace's rows of the same image (none decided yet)
+    saved: Path | None = None
+
+
+def forget(manifest: Manifest, ws: Workspace) -> ForgetSummary:
+    """Delete the review dataset after saving every sample's tags and decision (as ``pull`` reads
+    them) to ``stages/review/forgotten/`` in this workspace, and pulling the decisions on images
+    this workspace holds too into rows not decided yet (the next push shows them as tags): the
+    way on when the dataset belongs to an earlier workspace at this path (deleted and made again)
+    or to one gone from its path. A dataset whose workspace still exists elsewhere is refused."""
+    fo = _fo()
+    name = dataset_name(manifest)
+    if not fo.dataset_exists(name):
+        raise ReviewError(f"no FiftyOne dataset {name!r} to forget")
+    ds = fo.load_dataset(name)
+    s = ForgetSummary(dataset=name, owner=ds.info.get("workspace"))
+    owner_id = ds.info.get("workspace_id")
+    if s.owner and owner_id and owner_id != workspace_id(ws):
+        mark = Workspace(s.owner).stage_dir("review") / "workspace_id" if Path(s.owner).is_dir() else None
+        if mark is not None and mark.is_file() and mark.read_text(encoding="utf-8").strip() == owner_id:
+            raise ReviewError(f"FiftyOne dataset {name!r} belongs to the workspace at {s.owner}, which still exists: "
+                              f"forget it from there (-w {s.owner}) if that is meant")
+    dec = _read_decisions(ds, manifest)
+    tags, paths = ds.values(["tags", "filepath"])
+    dec = dec.with_columns(pl.Series("tags", tags, dtype=pl.List(pl.Utf8)), pl.Series("filepath", paths, dtype=pl.Utf8),
+                           pl.lit(s.owner, pl.Utf8).alias("owner_workspace"))
+    s.samples, s.decisions = dec.height, dec["decision"].is_not_null().sum()
+    stamp = catalog.utcnow().strftime("%Y%m%dT%H%M%S%fZ")
+    s.saved = ws.stage_dir("review") / "forgotten" / f"{name}-{stamp}.parquet"
+    s.saved.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    dec.write_parquet(buf)
+    atomic_write_bytes(s.saved, buf.getvalue())  # on disk before the dataset goes
+    # Ids are content hashes: a decision on an image this workspace holds too is a decision on it.
+    s.applied = len(_apply_decisions(ws, dec, only_undecided=True)[1])
+    ds.delete()
+    return s
 
 
 # ---------------------------------------------------------------- calibration

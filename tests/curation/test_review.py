@@ -279,9 +279,49 @@ def test_push_refuses_another_workspaces_dataset(mongo, tmp_path):
         review.push(m, make_workspace(tmp_path / "b", 1), show_progress=False)
     # The workspace deleted and made again at the same path (a user starting over): still refused,
     # and the message says so and how to go on, instead of naming the same path twice.
+    import fiftyone as fo
+
+    fo.load_dataset("owned").match({"pipeline_label": "Triceratops"}).tag_samples("accept")  # never pulled
     shutil.rmtree(tmp_path / "a")
-    with pytest.raises(review.ReviewError, match=r"earlier workspace at .*/a \(deleted or made again since\).*delete_dataset\('owned'\)"):
-        review.push(m, make_workspace(tmp_path / "a", 1), show_progress=False)
+    again = make_workspace(tmp_path / "a", 1)
+    with pytest.raises(review.ReviewError, match=r"earlier workspace at .*/a \(deleted or made again since\).*review forget"):
+        review.push(m, again, show_progress=False)
+    # The way on the message names: the decisions saved in this workspace, the dataset deleted.
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    mpath = tmp_path / "m.yaml"
+    mpath.write_text(json.dumps({"name": "owned", "classes": [{"name": c} for c in CLASSES]}))
+    out = CliRunner().invoke(app, ["review", "forget", "-m", str(mpath), "-w", str(again.root)])
+    assert out.exit_code == 0, out.output
+    assert f"dataset 'owned' (workspace {tmp_path / 'a'}) deleted; its 3 samples, 1 decided, saved to" in out.output
+    # The same images again (ids are content hashes): the decision is pulled into this workspace.
+    assert "; 1 of those decisions pulled into this workspace's images" in out.output
+    row = catalog.read(again).filter(pl.col("label") == "Triceratops").row(0, named=True)
+    assert (row["review_decision"], row["status"]) == ("accept", "accepted")
+    assert not fo.dataset_exists("owned")
+    [saved] = (again.root / "stages" / "review" / "forgotten").glob("owned-*.parquet")
+    kept = pl.read_parquet(saved).sort("pushed_label")
+    assert kept["decision"].to_list() == [None, "accept", None]
+    assert kept["tags"].to_list()[1] == ["accept"] and kept["owner_workspace"].unique().to_list() == [str(tmp_path / "a")]
+    assert all(Path(p).is_relative_to(tmp_path / "a") for p in kept["filepath"])
+    pushed = review.push(m, again, show_progress=False)
+    assert (pushed.added, pushed.tags_restored) == (3, 1)
+    assert fo.load_dataset("owned").match_tags("accept").values("pipeline_label") == ["Triceratops"]
+    # A workspace that still exists keeps its dataset: another one cannot forget it.
+    out = CliRunner().invoke(app, ["review", "forget", "-m", str(mpath), "-w", str(tmp_path / "b")])
+    assert out.exit_code == 2 and f"belongs to the workspace at {again.root}, which still exists" in out.output
+    assert fo.dataset_exists("owned")
+    # Forgetting never overrides a decision this workspace already has (a changed tag never pulled).
+    tri = fo.load_dataset("owned").match({"pipeline_label": "Triceratops"})
+    tri.untag_samples("accept")
+    tri.tag_samples("reject")
+    out = CliRunner().invoke(app, ["review", "forget", "-m", str(mpath), "-w", str(again.root)])
+    assert catalog.read(again).filter(pl.col("label") == "Triceratops")["review_decision"].to_list() == ["accept"]
+    assert out.exit_code == 0 and "its 3 samples, 1 decided" in out.output and "; 0 of those decisions pulled" in out.output, out.output
+    out = CliRunner().invoke(app, ["review", "forget", "-m", str(mpath), "-w", str(again.root)])
+    assert out.exit_code == 2 and "no FiftyOne dataset 'owned' to forget" in out.output
 
 
 def test_calibration_finds_the_reviewers_threshold(tmp_path):
