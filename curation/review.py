@@ -387,17 +387,22 @@ def decide(tags: Iterable[str], gt_label: str | None, pushed_label: str | None, 
     return SampleDecision(None)
 
 
-def _read_decisions(ds: "fo.Dataset", manifest: Manifest) -> pl.DataFrame:
-    """image_id, pushed_label, decision, reviewer_label, problem for every sample in the dataset."""
+def _read_decisions(ds: "fo.Dataset", manifest: Manifest, *, with_tags: bool = False) -> pl.DataFrame:
+    """image_id, pushed_label, decision, reviewer_label, problem (and with ``with_tags``, tags and
+    filepath) for every sample in the dataset."""
     ds.reload()
-    ids, tags, gt, pushed = ds.values(["image_id", "tags", "ground_truth.label", "pushed_label"])
+    vals = ds.values(["image_id", "tags", "ground_truth.label", "pushed_label", *(["filepath"] if with_tags else [])])
+    ids, tags, gt, pushed = vals[:4]
     classes = _class_lookup(manifest)
     rows = []
     for i, t, g, p in zip(ids, tags, gt, pushed):
         d = decide(t, g, p, classes)
         rows.append((i, p, d.decision.value if d.decision else None, d.label, d.problem))
     cols = ["image_id", "pushed_label", "decision", "reviewer_label", "problem"]
-    return pl.DataFrame(rows, schema={c: pl.Utf8 for c in cols}, orient="row")
+    out = pl.DataFrame(rows, schema={c: pl.Utf8 for c in cols}, orient="row")
+    if with_tags:
+        out = out.with_columns(pl.Series("tags", tags, dtype=pl.List(pl.Utf8)), pl.Series("filepath", vals[4], dtype=pl.Utf8))
+    return out
 
 
 # ---------------------------------------------------------------- push
@@ -791,10 +796,7 @@ def forget(manifest: Manifest, ws: Workspace) -> ForgetSummary:
         if mark is not None and mark.is_file() and mark.read_text(encoding="utf-8").strip() == owner_id:
             raise ReviewError(f"FiftyOne dataset {name!r} belongs to the workspace at {s.owner}, which still exists: "
                               f"forget it from there (-w {s.owner}) if that is meant")
-    dec = _read_decisions(ds, manifest)
-    tags, paths = ds.values(["tags", "filepath"])
-    dec = dec.with_columns(pl.Series("tags", tags, dtype=pl.List(pl.Utf8)), pl.Series("filepath", paths, dtype=pl.Utf8),
-                           pl.lit(s.owner, pl.Utf8).alias("owner_workspace"))
+    dec = _read_decisions(ds, manifest, with_tags=True).with_columns(pl.lit(s.owner, pl.Utf8).alias("owner_workspace"))
     s.samples, s.decisions = dec.height, dec["decision"].is_not_null().sum()
     stamp = catalog.utcnow().strftime("%Y%m%dT%H%M%S%fZ")
     s.saved = ws.stage_dir("review") / "forgotten" / f"{name}-{stamp}.parquet"
