@@ -1,7 +1,7 @@
 """Scrape throughput: this project's downloader+validation+store vs img2dataset, same server, same URLs.
 
     NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/bench_scrape.py [--n 2000] [--threads 16] \
-        [--img2dataset-python /path/to/venv/bin/python]
+        [--img2dataset-python /path/to/venv/bin/python] [--rounds 3]
 
 A loopback HTTP server (its own process, so it does not share our GIL) serves N distinct
 640x480 JPEGs. img2dataset downloads them in its own interpreter (output_format=files,
@@ -11,6 +11,8 @@ source, concurrency T in total, per-host cap T) and decodes, validates, hashes a
 image (in its fetch worker processes, one per CPU) and commits its catalog rows. Prints images/s for each,
 the ratios (ours / theirs: wall-clock, and against img2dataset's steady-state shard clock from
 its own per-shard stats) and each side's peak memory (PSS of the whole process tree).
+With --rounds R, R rounds in fresh folders, each side first in every other one, and the median
+and worst ratio: this machine's load drifts more between runs than the two sides differ.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import resource
 import tempfile
@@ -196,6 +199,7 @@ def main() -> None:
     ap.add_argument("--img2dataset-python", default=sys.executable,
                     help="an interpreter with img2dataset installed (e.g. a venv of its own: it pins pandas<3)")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds, each side first in every other one (the load drifts)")
     args = ap.parse_args()
 
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scrape_"))
@@ -216,18 +220,44 @@ def main() -> None:
         csv.write_text("url,label\n" + "".join(f"http://127.0.0.1:{port}/img/{i:05d}.jpg,a\n" for i in range(args.n)))
 
         i2d_threads = args.i2d_threads or args.threads
-        for old in (tmp / "img2dataset_out", tmp / "ws"):  # a reused --workdir: both start empty
-            shutil.rmtree(old, ignore_errors=True)
-        dt_i, inner_i, ok_i, rss_i, cpu_i = bench_img2dataset(csv, tmp / "img2dataset_out", i2d_threads, args.img2dataset_python)
-        dt_o, ok_o, rss_o, cpu_o = bench_ours(csv, tmp / "ws", args.threads, args.n, server.pid)
-        rate_i, rate_inner, rate_o = ok_i / dt_i, ok_i / inner_i, ok_o / dt_o
-        print(f"img2dataset (2 processes x {i2d_threads} threads): {ok_i}/{args.n} images in {dt_i:.2f}s wall = "
-              f"{rate_i:.0f} images/s; {inner_i:.2f}s by its own shard clock (steady state, no start-up) = {rate_inner:.0f} images/s; "
-              f"peak PSS {rss_i / 2**20:.0f} MiB (all its processes); {cpu_i / ok_i * 1e3:.1f} ms CPU per image")
-        print(f"jurassiclass scrape ({args.threads} threads): {ok_o}/{args.n} images in {dt_o:.2f}s wall = "
-              f"{rate_o:.0f} images/s (catalog, journal and summary included); peak PSS {rss_o / 2**20:.0f} MiB "
-              f"(bench process + workers); {cpu_o / ok_o * 1e3:.1f} ms CPU per image")
-        print(f"ratio jurassiclass / img2dataset: {rate_o / rate_i:.2f} wall-clock, {rate_o / rate_inner:.2f} vs its shard clock")
+        wall, shard = [], []
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f})", flush=True)
+            # Fresh folders each round, deleted at the end: a deletion's background work (10k files)
+            # would land on whichever side ran next.
+            out_i, out_o = tmp / f"img2dataset_out{r}", tmp / f"ws{r}"
+            for old in (out_i, out_o):  # a reused --workdir
+                shutil.rmtree(old, ignore_errors=True)
+            # Each side goes first in every other round: a load that drifts within a round favours neither.
+            # Each side starts with nothing dirty in the page cache: our commits sync the filesystem,
+            # and must not pay for writes the run before left (img2dataset never syncs).
+            def theirs():
+                os.sync()
+                return bench_img2dataset(csv, out_i, i2d_threads, args.img2dataset_python)
+
+            def ours():
+                os.sync()
+                return bench_ours(csv, out_o, args.threads, args.n, server.pid)
+
+            if r % 2 == 0:
+                (dt_i, inner_i, ok_i, rss_i, cpu_i), (dt_o, ok_o, rss_o, cpu_o) = theirs(), ours()
+            else:
+                (dt_o, ok_o, rss_o, cpu_o), (dt_i, inner_i, ok_i, rss_i, cpu_i) = ours(), theirs()
+            rate_i, rate_inner, rate_o = ok_i / dt_i, ok_i / inner_i, ok_o / dt_o
+            print(f"img2dataset (2 processes x {i2d_threads} threads): {ok_i}/{args.n} images in {dt_i:.2f}s wall = "
+                  f"{rate_i:.0f} images/s; {inner_i:.2f}s by its own shard clock (steady state, no start-up) = {rate_inner:.0f} images/s; "
+                  f"peak PSS {rss_i / 2**20:.0f} MiB (all its processes); {cpu_i / ok_i * 1e3:.1f} ms CPU per image")
+            print(f"jurassiclass scrape ({args.threads} threads): {ok_o}/{args.n} images in {dt_o:.2f}s wall = "
+                  f"{rate_o:.0f} images/s (catalog, journal and summary included); peak PSS {rss_o / 2**20:.0f} MiB "
+                  f"(bench process + workers); {cpu_o / ok_o * 1e3:.1f} ms CPU per image")
+            print(f"ratio jurassiclass / img2dataset: {rate_o / rate_i:.2f} wall-clock, {rate_o / rate_inner:.2f} vs its shard clock",
+                  flush=True)
+            wall.append(rate_o / rate_i)
+            shard.append(rate_o / rate_inner)
+        if args.rounds > 1:
+            print(f"{args.rounds} rounds, alternating who goes first: vs its shard clock "
+                  f"{', '.join(f'{x:.2f}' for x in shard)} (median {statistics.median(shard):.2f}, worst {min(shard):.2f}); "
+                  f"wall-clock median {statistics.median(wall):.2f}")
         server.terminate()
     finally:
         if args.workdir is None:
