@@ -350,8 +350,7 @@ def review_calibrate(manifest: Path = ManifestOpt, workdir: Optional[Path] = Wor
 @review_app.command("forget")
 def review_forget(manifest: Path = ManifestOpt, workdir: Optional[Path] = WorkdirOpt,
                   set_: Optional[list[str]] = SetOpt) -> None:
-    """Save the review dataset's tags and decisions in this workspace (decisions on its images pulled), then
-    delete the dataset (e.g. one an earlier, deleted workspace at this path left behind); push makes a new one."""
+    """Save the review dataset's decisions in this workspace (pulling those on its images), then delete it."""
     from curation import review
 
     m, ws = open_run(manifest, workdir, set_)
