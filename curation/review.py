@@ -219,10 +219,15 @@ def dataset_name(manifest: Manifest) -> str:
     return manifest.review.dataset_name or manifest.name
 
 
+def _workspace_id_file(root: Path) -> Path:
+    return Path(root) / "stages" / "review" / "workspace_id"
+
+
 def workspace_id(ws: Workspace) -> str:
     """The workspace's identity for FiftyOne datasets: a random id kept in the workspace, so it moves with it."""
-    path = ws.stage_dir("review") / "workspace_id"
+    path = _workspace_id_file(ws.root)
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(uuid.uuid4().hex + "\n", encoding="utf-8")
     return path.read_text(encoding="utf-8").strip()
 
@@ -792,8 +797,8 @@ def forget(manifest: Manifest, ws: Workspace) -> ForgetSummary:
     s = ForgetSummary(dataset=name, owner=ds.info.get("workspace"))
     owner_id = ds.info.get("workspace_id")
     if s.owner and owner_id and owner_id != workspace_id(ws):
-        mark = Workspace(s.owner).stage_dir("review") / "workspace_id" if Path(s.owner).is_dir() else None
-        if mark is not None and mark.is_file() and mark.read_text(encoding="utf-8").strip() == owner_id:
+        mark = _workspace_id_file(Path(s.owner))  # read only: nothing is made in another workspace
+        if mark.is_file() and mark.read_text(encoding="utf-8").strip() == owner_id:
             raise ReviewError(f"FiftyOne dataset {name!r} belongs to the workspace at {s.owner}, which still exists: "
                               f"forget it from there (-w {s.owner}) if that is meant")
     dec = _read_decisions(ds, manifest, with_tags=True).with_columns(pl.lit(s.owner, pl.Utf8).alias("owner_workspace"))
