@@ -466,61 +466,6 @@ def select_stages(only: list[str] | None, skip: list[str] | None, start: str | N
     return steps
 
 
-def stored(m: Manifest, ws: Workspace) -> dict[str, int]:
-    """Catalog rows per class, any status: what the sources have given so far."""
-    df = catalog.read(ws)
-    counts = dict(df.group_by("label").len().iter_rows()) if df.height else {}
-    return {c: counts.get(c, 0) for c in m.class_names}
-
-
-def targets_report(m: Manifest, ws: Workspace, why: dict[str, str], default_why: str) -> tuple[pl.DataFrame, str]:
-    """Per class: target, images that count (not rejected), shortfall and outcome; plus a one-line summary."""
-    from curation.scrape import live_counts
-
-    have = live_counts(ws)
-    rows = []
-    for c in m.class_names:
-        target, n = m.target_for(c), have[c]
-        rows.append({"label": c, "target": target, "images": n, "short": max(0, target - n),
-                     "outcome": "met" if n >= target else f"short: {why.get(c, default_why)}"})
-    df = pl.DataFrame(rows, schema={"label": pl.Utf8, "target": pl.Int64, "images": pl.Int64, "short": pl.Int64,
-                                    "outcome": pl.Utf8})
-    short = [r for r in rows if r["short"]]
-    line = f"targets: {len(rows) - len(short)} of {len(rows)} classes met"
-    if short:
-        line += "; " + "; ".join(f"{r['label']} {r['images']}/{r['target']} ({r['outcome']})" for r in short)
-    return df, line
-
-
-EXHAUSTED = "sources exhausted"
-STALLED = "a round added nothing (failed downloads? see stages/scrape/summary.json; run again later)"
-
-
-def top_up(m: Manifest, ws: Workspace, steps: list[str], rounds: int, call: dict, lines: list[str],
-           first: ScrapeSummary) -> dict[str, str]:
-    """Rounds 2..`rounds` of scrape -> dedup -> score while classes are short of their targets; a
-    class leaves the loop once its sources are exhausted, and the loop ends when a round stores
-    nothing new for any short class. Returns why each class that stopped early is short."""
-    from curation.scrape import shortfall
-
-    why = {c: EXHAUSTED for c in first.exhausted}
-    for r in range(2, rounds + 1):
-        short = {c for c, n in shortfall(m, ws).items() if n} - set(why)
-        if not short:
-            break
-        before = stored(m, ws)
-        s = call["scrape"]()
-        lines.append(f"round {r}: {s.line()}")
-        why.update({c: EXHAUSTED for c in s.exhausted})
-        if all(stored(m, ws)[c] == before[c] for c in short):
-            why.update({c: STALLED for c in short - set(why)})
-            break
-        for st in ("dedup", "score"):
-            if st in steps:
-                lines.append(f"round {r}: {call[st]()}")
-    return why
-
-
 @app.command()
 def run(
     manifest: Path = ManifestOpt,
@@ -540,6 +485,7 @@ def run(
     class is short, `run` scrapes, dedups and scores again (at most --rounds rounds, and no further
     once a round brings nothing new); the report says per class: met, or short and why.
     """
+    from curation import targets
     from curation.scrape import has_web_sources
 
     steps = select_stages(only, skip, start)
@@ -563,13 +509,22 @@ def run(
                 first, out = out, out.line()
             lines.append(out)
         if first is not None:
-            why, default_why = top_up(m, ws, steps, rounds, call, lines, first), f"stopped after {rounds} round(s)"
+            def scrape_round(r: int) -> list[str]:
+                s = call["scrape"]()
+                lines.append(f"round {r}: {s.line()}")
+                return s.exhausted
+
+            def after(r: int) -> None:
+                lines.extend(f"round {r}: {call[st]()}" for st in ("dedup", "score") if st in steps)
+
+            why = targets.top_up(m, ws, rounds, first.exhausted, scrape_round, after)
+            default_why = f"stopped after {rounds} round(s)"
         elif not has_web_sources(m):  # folder trees are ingested whole: nothing more to fetch
-            why, default_why = {}, EXHAUSTED
+            why, default_why = {}, targets.EXHAUSTED
         else:
             why, default_why = {}, "scrape not run"
         if any(s in steps for s in ("ingest", *TOP_UP_STAGES)):
-            table, line = targets_report(m, ws, why, default_why)
+            table, line = targets.report(m, ws, why, default_why)
             if not quiet:
                 report.console.print(report.frame_table(table, "run: images per class vs target"))
             lines.append(line)

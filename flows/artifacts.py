@@ -131,6 +131,11 @@ def catalog_report(m: Manifest, ws: Workspace, stages: dict[str, dict | list], *
     return md
 
 
+def targets(m: Manifest, table: pl.DataFrame, line: str) -> None:
+    """Classes against their targets after the top-up rounds (the one-line summary as its description)."""
+    _safe(create_table_artifact, _records(table), key=artifact_key(m.name, "targets"), description=line)
+
+
 class Progress:
     """A progress artifact per long loop of a stage (fed by `curation.progress.listening`)."""
 

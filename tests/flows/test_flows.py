@@ -48,6 +48,7 @@ class ImageServer:
     def __init__(self):
         self.hits: Counter = Counter()
         self.gate = threading.Event()
+        self.files: dict[str, bytes] = {}  # /t/<name>: bodies a test sets
         fx = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,13 +58,16 @@ class ImageServer:
             def do_GET(self):
                 fx.hits[self.path] += 1
                 name = self.path.rsplit("/", 1)[-1]
-                if not (self.path.startswith("/img/") and name.endswith(".jpg")):
+                if self.path.startswith("/t/") and name in fx.files:
+                    body = fx.files[name]
+                elif self.path.startswith("/img/") and name.endswith(".jpg"):
+                    i = int(name[:-4])
+                    if i >= GATE_AT:
+                        fx.gate.wait(120)
+                    body = support.jpeg(1000 + i)
+                else:
                     self.send_error(404)
                     return
-                i = int(name[:-4])
-                if i >= GATE_AT:
-                    fx.gate.wait(120)
-                body = support.jpeg(1000 + i)
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", "image/jpeg")
@@ -415,6 +419,39 @@ def test_mapped_ingest_on_a_local_dask_cluster(env):
     with client(stack) as c:
         names = {t.name for t in c.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="ingest[")))}
     assert {"ingest[source 0]", "ingest[source 1]"} <= names
+
+
+@pytest.mark.slow
+def test_build_dataset_tops_classes_up_like_run(env):
+    # cat (target 3) comes from a URL list whose first two URLs are an image and its resized copy:
+    # round 1 stores 3, dedup leaves 2, round 2 fetches the next one, and round 3 does not run.
+    stack, tmp, images = env["stack"], env["tmp"], env["images"]
+    pics = [support.textured(500 + i) for i in range(4)]
+    images.files.update({"u0.jpg": support.encode(pics[0], "JPEG", quality=90),
+                         "u0-copy.jpg": support.planted_copies(pics[0])["resized"],
+                         **{f"u{i}.jpg": support.encode(pics[i], "JPEG", quality=90) for i in range(1, 4)}})
+    order = ["u0.jpg", "u0-copy.jpg", "u1.jpg", "u2.jpg", "u3.jpg"]
+    urls = tmp / "topup.csv"
+    urls.write_text("url,label,license\n" + "".join(f"{images.base}/t/{n},cat,cc0\n" for n in order))
+    m = write_manifest(tmp / "topup.yaml", "topup", [{"type": "urls", "path": str(urls)}], workdir=str(tmp / "ws-topup"),
+                       classes=[{"name": "cat", "target": 3}], scrape={"allow_private_networks": True, "concurrency": 1})
+    out = prefect_cli(stack, "deployment", "run", "build-dataset/demo", "--param", f"manifest={m}",
+                      "--params", '{"skip": ["review-push", "publish"]}', "--watch", "--watch-timeout", "240", timeout=270)
+    assert out.returncode == 0, out.stdout[-4000:]
+    flat = re.sub(r"\s+", "", out.stdout)
+    assert "scrape(round2):" in flat and "dedup(round2):" in flat and "round3" not in flat, out.stdout[-4000:]
+    assert "targets:1of1classesmet" in flat, out.stdout[-4000:]
+    assert {n: images.hits[f"/t/{n}"] for n in order} == {**{n: 1 for n in order[:4]}, "u3.jpg": 0}  # no overshoot
+    df = catalog.read(Workspace(tmp / "ws-topup"))
+    assert df.filter(pl.col("status") != "rejected").height == 3 and df.height == 4
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with client(stack) as c:
+        (art,) = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["topup-targets"])))
+        (summary,) = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["topup-build-dataset-summary"])))
+    rows = art.data if isinstance(art.data, list) else json.loads(art.data)
+    assert rows == [{"label": "cat", "target": 3, "images": 3, "short": 0, "outcome": "met"}]
+    assert "**scrape (round 2)**" in summary.data and "**dedup (round 2)**" in summary.data
 
 
 # ---------------------------------------------------------------- the retraining loop
