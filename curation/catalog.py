@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import logging
 import os
 import re
 import threading
@@ -34,6 +35,8 @@ from curation.store import ImageStore, PartsTable, atomic_write_bytes, fsync_dir
 
 if TYPE_CHECKING:
     from curation.config import Manifest
+
+_logger = logging.getLogger(__name__)
 
 
 class Status(str, Enum):
@@ -73,6 +76,7 @@ def utcnow() -> datetime:
 
 
 _LOG_ENTRY = re.compile(r"\d{20}\.json")
+_LOG_FILE = re.compile(r"\d{20}\.")  # a version's entry, checkpoint or checksum
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,10 @@ COMPACT_EVERY = 100
 # 49 commits after it): every 50 versions, ~2 ms a commit.
 CHECKPOINT_EVERY = 50
 RETENTION_HOURS = 7 * 24
+# Log entries older than this go once a newer checkpoint is as old (Delta's delta.logRetentionDuration
+# default); pinned versions keep theirs.
+LOG_RETENTION_HOURS = 30 * 24
+PINS_FILE = "catalog.pins.json"  # in the workspace, beside the table (vacuum deletes what the table does not name)
 _RETRIES = 8
 T = TypeVar("T")
 # File statistics for image_id and _seq only (Delta's default is the first 32 columns, so every
@@ -545,12 +553,13 @@ def commit_stats(ws: Workspace, version: int | None = None) -> dict:
     }
 
 
-def maintain(ws: Workspace, *, retention_hours: int = RETENTION_HOURS, drain: bool = True) -> dict:
+def maintain(ws: Workspace, *, retention_hours: int = RETENTION_HOURS, drain: bool = True,
+             log_retention_hours: int = LOG_RETENTION_HOURS) -> dict:
     """Move the inbox's and shelves' rows to their leaves (``drain``; else shelve a full inbox and
     drain full shelves), split leaves grown past LEAF_MAX_ROWS (big appends, the first layout's
     buckets), compact small files, checkpoint the log, and delete files no version younger than
-    ``retention_hours`` reads. Commits run it every COMPACT_EVERY versions, draining only what is
-    full: draining every shelf rewrites nearly every leaf."""
+    ``retention_hours`` reads, except the pinned versions' (``pin``). Commits run it every
+    COMPACT_EVERY versions, draining only what is full: draining every shelf rewrites nearly every leaf."""
     with locked(ws):
         if not _prepare(ws):
             return {}
@@ -567,14 +576,16 @@ def maintain(ws: Workspace, *, retention_hours: int = RETENTION_HOURS, drain: bo
         for (_,), part in big.with_columns(batch).group_by("batch", maintain_order=True):
             _rewrite(ws, _no_updates(), _no_updates(), extra=part[_BUCKET].to_list(),
                      note=f"split {part.height} leaves", maintenance=False)
-        compacted, vacuumed = _tidy(ws.table_path, retention_hours)
+        compacted, vacuumed = _tidy(ws.table_path, retention_hours, pinned=pins(ws), log_retention_hours=log_retention_hours)
         return {"inbox_rows_moved": moved, "leaves_split": big.height, "compacted_files": compacted,
                 "vacuumed_files": vacuumed}
 
 
-def _tidy(table: Path, retention_hours: int) -> tuple[int, int]:
+def _tidy(table: Path, retention_hours: int, *, pinned: Iterable[int] = (),
+          log_retention_hours: int = LOG_RETENTION_HOURS) -> tuple[int, int]:
     """Compact the Delta table at ``table``'s small files (not the shelves'), checkpoint its log and
-    delete files no version younger than ``retention_hours`` reads: (files compacted, files vacuumed)."""
+    delete files no version younger than ``retention_hours`` reads, nor a ``pinned`` one: (files
+    compacted, files vacuumed)."""
     from deltalake import DeltaTable
 
     dt = DeltaTable(str(table))
@@ -586,10 +597,113 @@ def _tidy(table: Path, retention_hours: int) -> tuple[int, int]:
                                 writer_properties=_writer_properties())
     dt = DeltaTable(str(table))
     _checkpoint(table, dt)
+    pinned = sorted(set(pinned))
+    for v in pinned:  # each read from a checkpoint of its own before older log entries go
+        _checkpoint_at(table, v)
+    try:
+        kept = _files_of(table, pinned)
+    except Exception as exc:  # keep everything rather than a pinned version's files
+        _logger.warning("vacuum of %s skipped: a pinned version could not be read (%s)", table, exc)
+        return stats.get("numFilesRemoved", 0), 0
     # full: also files no commit names (a writer killed mid-commit), once older than the retention.
-    removed = dt.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False, full=True)
-    dt.cleanup_metadata()
-    return stats.get("numFilesRemoved", 0), len(removed)
+    doomed = dt.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False, full=True)
+    doomed = [f for f in doomed if urllib.parse.unquote(f) not in kept]
+    for f in doomed:
+        (table / urllib.parse.unquote(f)).unlink(missing_ok=True)
+    if pinned:
+        _cleanup_log(table, pinned, log_retention_hours)
+    else:
+        dt.cleanup_metadata()
+    return stats.get("numFilesRemoved", 0), len(doomed)
+
+
+# ---------------------------------------------------------------- pinned versions
+# The versions published datasets read stay readable however old: vacuum keeps their files, and a
+# checkpoint at each (with its log entry) survives log cleanup, so reading one needs no older entry.
+# A pin costs the files of its version that later commits rewrote: at most the table's size.
+
+
+def pins(ws: Workspace) -> dict[int, list[str]]:
+    """Pinned catalog versions and why each is kept (e.g. "published v3")."""
+    path = ws.root / PINS_FILE
+    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+
+
+def _write_pins(ws: Workspace, pinned: dict[int, list[str]]) -> None:
+    atomic_write_bytes(ws.root / PINS_FILE, json.dumps({str(k): v for k, v in sorted(pinned.items())}, indent=1).encode())
+    fsync_dir(ws.root)
+
+
+def pin(ws: Workspace, version: int, why: str) -> None:
+    """Keep catalog ``version`` readable whatever its age (``why`` says for what)."""
+    with locked(ws):
+        _open_version(ws, version)  # one that does not exist, or is gone, is an error
+        _checkpoint_at(ws.table_path, version)
+        pinned = pins(ws)
+        if why not in pinned.setdefault(version, []):
+            pinned[version].append(why)
+        _write_pins(ws, pinned)
+
+
+def unpin(ws: Workspace, version: int) -> list[str]:
+    """Stop keeping ``version``: the next vacuum deletes its files once no version younger than the
+    retention reads them. Returns the reasons it was kept."""
+    with locked(ws):
+        pinned = pins(ws)
+        if version not in pinned:
+            raise CatalogVersionError(f"catalog version {version} is not pinned (pinned: {sorted(pinned) or 'none'})")
+        why = pinned.pop(version)
+        _write_pins(ws, pinned)
+        return why
+
+
+def _checkpoint_at(table: Path, version: int) -> None:
+    """A checkpoint of ``version`` in the log, however old the version (delta-rs leaves the log's
+    pointer at a newer checkpoint); none for a version whose log entries are gone."""
+    from deltalake import DeltaTable
+
+    if (table / "_delta_log" / f"{version:020d}.checkpoint.parquet").exists():
+        return
+    try:
+        dt = DeltaTable(str(table), version=version)
+    except Exception:  # its log entries are gone: nothing left to keep
+        return
+    _checkpoint(table, dt)
+
+
+def _files_of(table: Path, versions: Iterable[int]) -> set[str]:
+    """The data files (paths in the table) that ``versions`` read; none for a version whose log
+    entry and checkpoint are both gone (nothing left to keep). Raises when one cannot be read."""
+    log_dir = table / "_delta_log"
+    return set().union(*(_version_files(str(table), v, _log_identity(table, v)) for v in versions
+                         if (log_dir / f"{v:020d}.json").exists() or (log_dir / f"{v:020d}.checkpoint.parquet").exists()))
+
+
+@functools.lru_cache(maxsize=256)
+def _version_files(table: str, version: int, identity: tuple[int, int] | None) -> frozenset[str]:
+    """A version's files never change: read once per process (at 10M rows, loading a version costs
+    tens of ms, and maintenance asks for every pinned one), keyed by its log entry's identity so a
+    table made again at the same path is read afresh."""
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(table, version=version)
+    return frozenset(urllib.parse.unquote(p) for p in pl.DataFrame(dt.get_add_actions(flatten=True))["path"].to_list())
+
+
+def _cleanup_log(table: Path, pinned: list[int], retention_hours: int) -> None:
+    """Delta's log cleanup, keeping the pinned versions' entries and checkpoints: entries before the
+    newest checkpoint older than ``retention_hours`` go (no version from that checkpoint on needs
+    them; a pinned one reads its own)."""
+    log = table / "_delta_log"
+    cutoff = time.time() - retention_hours * 3600
+    old = [int(p.name[:20]) for p in log.glob("*.checkpoint.parquet") if p.stat().st_mtime <= cutoff]
+    if not old:
+        return
+    safe, keep = max(old), set(pinned)
+    for p in log.iterdir():
+        if _LOG_FILE.match(p.name) and int(p.name[:20]) < safe and int(p.name[:20]) not in keep:
+            p.unlink()
+    fsync_dir(log)
 
 
 def _no_updates() -> pl.DataFrame:
@@ -676,7 +790,14 @@ def _open_version(ws: Workspace, version: int | None):
         return _open(ws, version)
     except Exception as exc:  # deltalake raises a bare Exception/TableNotFoundError for a missing version
         latest = _open(ws).version()
+        if version is not None and 0 <= version < latest:  # its log entries are cleaned up
+            raise _gone(version) from exc
         raise CatalogVersionError(f"catalog version {version} does not exist (latest is {latest})") from exc
+
+
+def _gone(version: int | None) -> CatalogVersionError:
+    return CatalogVersionError(f"catalog version {version} is older than the kept history ({RETENTION_HOURS} h; "
+                               "the versions published datasets read are kept)")
 
 
 def _scan_version(dt, version: int | None, leaves: list[str] | None = None) -> pl.DataFrame:
@@ -685,7 +806,7 @@ def _scan_version(dt, version: int | None, leaves: list[str] | None = None) -> p
     except (OSError, pl.exceptions.ComputeError) as exc:  # vacuumed: the version's files are gone
         if not isinstance(exc, OSError) and "No such file" not in str(exc) and "not found" not in str(exc).lower():
             raise
-        raise CatalogVersionError(f"catalog version {version} is older than the kept history ({RETENTION_HOURS} h)") from exc
+        raise _gone(version) from exc
 
 
 def read(ws: Workspace, version: int | None = None) -> pl.DataFrame:

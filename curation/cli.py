@@ -218,17 +218,26 @@ def show_catalog(
     workdir: Path = typer.Option(..., "--workdir", "-w", help="workspace directory"),
     export: Optional[Path] = typer.Option(None, help="also write the catalog to this CSV file"),
     version: Optional[int] = typer.Option(None, "--version", min=0, help="the catalog as of this version (default: latest)"),
+    unpin: Optional[int] = typer.Option(None, "--unpin", min=0, metavar="N",
+                                        help="stop keeping version N (a published dataset read it) past the retention"),
 ) -> None:
     """Print images per class and status (and rejection reasons) for a workspace."""
     ws = Workspace(workdir)
     if not ws.catalog_path.exists():
         fail(f"no catalog in {ws.root}: run a stage first (e.g. `jurassiclass ingest`)")
     try:
+        if unpin is not None:
+            why = catalog.unpin(ws, unpin)
+            typer.echo(f"catalog version {unpin} unpinned (kept for: {', '.join(why)}); vacuum deletes its files once "
+                       f"no version younger than {catalog.RETENTION_HOURS} h reads them")
+            return
         df = catalog.read(ws, version=version)
     except catalog.CatalogVersionError as exc:
         fail(str(exc))
     report.print_catalog(df)
     typer.echo(f"catalog version {version if version is not None else catalog.version(ws)} (latest {catalog.version(ws)})")
+    if pinned := catalog.pins(ws):
+        typer.echo("kept past the retention: " + ", ".join(f"version {v} ({', '.join(w)})" for v, w in pinned.items()))
     typer.echo(workspace_line(ws))
     if export:
         df.select([c for c in df.columns if df.schema[c].is_nested() is False]).write_csv(export)

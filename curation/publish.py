@@ -418,6 +418,8 @@ def publish(m: Manifest, ws: Workspace, *, out: str | Path | None = None, dry_ru
         if dry_run:
             shutil.rmtree(tmp.parent, ignore_errors=True)
     summary.folder = str(folder)
+    # What the card names stays readable: `jurassiclass catalog --version N` however old it gets.
+    catalog.pin(ws, catalog_version, f"published v{version}")
 
     index = rows.select("image_id", "label", "split", "fold", "group")
     _index_path(ws, version).parent.mkdir(parents=True, exist_ok=True)

@@ -1,3 +1,4 @@
+import json
 import os
 
 import polars as pl
@@ -250,6 +251,63 @@ def test_periodic_compaction_and_vacuum_keep_rows(workspace, monkeypatch):
     with pytest.raises(catalog.CatalogVersionError):
         catalog.read(workspace, version=2)
     assert catalog.read(workspace)["image_id"].to_list() == ids
+
+
+def test_pinned_versions_outlive_vacuum_and_log_cleanup(workspace):
+    a, b, c = (f"{k}{i:063x}" for k, i in (("a", 1), ("b", 2), ("c", 3)))
+    catalog.write(workspace, catalog.rows_frame([row(a), row(b)]))  # v0
+    catalog.merge(workspace, pl.DataFrame({"image_id": [a], "label": ["v1"]}))  # v1: a's leaf rewritten
+    catalog.merge(workspace, pl.DataFrame({"image_id": [a], "label": ["v2"]}))  # v2
+    catalog.pin(workspace, 1, "published v1")
+    catalog.pin(workspace, 1, "published v1")  # idempotent
+    catalog.append(workspace, catalog.rows_frame([row(c)]))  # v3
+    catalog.merge(workspace, pl.DataFrame({"image_id": [a, b], "label": ["v4", "v4"]}))  # v4
+    assert catalog.pins(workspace) == {1: ["published v1"]}
+    catalog.maintain(workspace, retention_hours=0, log_retention_hours=0)
+    log = sorted(p.name for p in (workspace.table_path / "_delta_log").glob("0*"))
+    assert f"{0:020d}.json" not in log and f"{2:020d}.json" not in log  # cleaned up, as Delta does
+    assert f"{1:020d}.checkpoint.parquet" in log
+    assert dict(catalog.read(workspace, version=1).select("image_id", "label").iter_rows()) == {a: "v1", b: "a"}
+    for gone in (0, 2):
+        with pytest.raises(catalog.CatalogVersionError, match="older than the kept history"):
+            catalog.read(workspace, version=gone)
+    assert dict(catalog.read(workspace).select("image_id", "label").iter_rows()) == {a: "v4", b: "v4", c: "a"}
+    catalog.append(workspace, catalog.rows_frame([row(f"d{4:063x}")]))  # the table goes on from there
+    assert catalog.read(workspace).height == 4
+
+    assert catalog.unpin(workspace, 1) == ["published v1"]
+    with pytest.raises(catalog.CatalogVersionError, match="not pinned"):
+        catalog.unpin(workspace, 1)
+    catalog.maintain(workspace, retention_hours=0, log_retention_hours=0)
+    with pytest.raises(catalog.CatalogVersionError, match="older than the kept history"):
+        catalog.read(workspace, version=1)
+    assert catalog.read(workspace).height == 4
+
+
+def test_pinning_an_older_version_keeps_the_latest_checkpoint_pointer(workspace):
+    for i in range(3):
+        catalog.append(workspace, catalog.rows_frame([row(f"{i:064x}")]))
+    catalog._checkpoint(workspace.table_path, catalog._open(workspace))  # the newest checkpoint: v2
+    catalog.pin(workspace, 0, "published v1")
+    hint = json.loads((workspace.table_path / "_delta_log" / "_last_checkpoint").read_text())
+    assert hint["version"] == 2
+    catalog.maintain(workspace, retention_hours=0, log_retention_hours=0)
+    assert catalog.read(workspace, version=0).height == 1 and catalog.read(workspace).height == 3
+    with pytest.raises(catalog.CatalogVersionError, match="does not exist"):
+        catalog.pin(workspace, 9, "x")
+
+
+def test_vacuum_deletes_nothing_while_a_pinned_version_cannot_be_read(workspace, caplog):
+    a = f"a{1:063x}"
+    catalog.write(workspace, catalog.rows_frame([row(a)]))
+    catalog.pin(workspace, 0, "published v1")
+    catalog.merge(workspace, pl.DataFrame({"image_id": [a], "label": ["b"]}))
+    catalog._checkpoint(workspace.table_path, catalog._open(workspace))  # the latest reads from this one
+    (workspace.table_path / "_delta_log" / f"{0:020d}.checkpoint.parquet").write_bytes(b"torn")
+    before = {p for p in workspace.table_path.rglob("*.parquet") if "_delta_log" not in p.parts}
+    assert catalog.maintain(workspace, retention_hours=0, log_retention_hours=0)["vacuumed_files"] == 0
+    assert all(p.exists() for p in before) and "a pinned version could not be read" in caplog.text
+    assert catalog.read(workspace)["label"].to_list() == ["b"]
 
 
 _CONCURRENT = r"""

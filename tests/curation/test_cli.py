@@ -119,6 +119,22 @@ def test_set_overrides_are_resolved_and_every_write_is_in_the_history(folder_man
     assert (ws / second["resolved_manifest"]).read_text() == (ws / "manifest.resolved.yaml").read_text()
 
 
+def test_catalog_versions_published_ones_kept_and_unpinned(folder_manifest, tmp_path):
+    ws = tmp_path / "ws"
+    assert cli("ingest", "-m", str(folder_manifest), "-w", str(ws), "-q").exit_code == 0
+    catalog.pin(Workspace(ws), 0, "published v1")  # what publish does with the version it read
+    r = cli("catalog", "-w", str(ws), "--version", "0")
+    assert r.exit_code == 0 and "catalog version 0 (latest 0)" in r.output
+    assert "kept past the retention: version 0 (published v1)" in r.output
+    r = cli("catalog", "-w", str(ws), "--unpin", "0")
+    assert r.exit_code == 0 and "catalog version 0 unpinned (kept for: published v1)" in r.output
+    assert catalog.pins(Workspace(ws)) == {}
+    r = cli("catalog", "-w", str(ws), "--unpin", "0")
+    assert r.exit_code == 2 and "catalog version 0 is not pinned" in r.stderr
+    r = cli("catalog", "-w", str(ws), "--version", "7")
+    assert r.exit_code == 2 and "catalog version 7 does not exist (latest is 0)" in r.stderr
+
+
 @pytest.mark.slow
 def test_read_only_commands_leave_the_resolved_manifest(folder_manifest, tmp_path):
     ws = tmp_path / "ws"

@@ -168,6 +168,12 @@ def test_round_trip_through_load_dataset(ingested):
     meta = json.loads((Path(s.folder) / "publish.json").read_text())
     assert meta["class_names"] == CLASSES and meta["folds"] == 5 and meta["hash"] == s.hash
     assert meta["catalog_version"] == s.catalog_version is not None  # the catalog version the rows came from
+    # ... and stays readable past the retention, with the rows as publish read them.
+    assert catalog.pins(ws) == {s.catalog_version: ["published v1"]}
+    set_rows(ws, pl.DataFrame({"image_id": [rej], "status": ["candidate"], "reason": [None]}))
+    catalog.maintain(ws, retention_hours=0, log_retention_hours=0)
+    then = catalog.read(ws, version=s.catalog_version)
+    assert then.filter(pl.col("image_id") == rej)["status"].to_list() == ["rejected"] and then.height == df.height
     card = (Path(s.folder) / "README.md").read_text()
     assert "task_categories:" in card and "- image-classification" in card and "configs:" in card
     assert "## Known limitations" in card and "not reviewed by a person" in card and "rejected:off_topic" in card
