@@ -420,17 +420,20 @@ def flickr_license_code(name: str | None, url: str | None) -> str:
     return normalise_license(name)
 
 
-def flickr_licenses(dl: Downloader, rest: str, key: str, pace: Pace) -> tuple[dict[str, str], str | None]:
-    """(licence id -> code from getInfo, a warning if getInfo failed and the ids 0-10 table stood in)."""
+def flickr_licenses(dl: Downloader, rest: str, key: str, pace: Pace) -> tuple[dict[str, tuple[str, str]], str | None]:
+    """(licence id -> (code, the licence as getInfo names it), a warning if getInfo failed and the
+    ids 0-10 table stood in)."""
     pace()
     data, res = dl.get_json(rest, {"method": "flickr.photos.licenses.getInfo", "api_key": key,
                                    "format": "json", "nojsoncallback": "1"})
     items = ((data or {}).get("licenses") or {}).get("license") if isinstance(data, dict) else None
     if not items:
         why = data.get("message") if isinstance(data, dict) else f"{res.reason} {res.detail}".strip()
-        return dict(FLICKR), _REDACT._KEY.sub(r"\1***", f"flickr: licenses.getInfo failed ({why}); "
-                                                         f"licence ids above 10 are recorded as unknown")
-    return {str(i.get("id")): flickr_license_code(i.get("name"), i.get("url")) for i in items}, None
+        warn = f"flickr: licenses.getInfo failed ({why}); licence ids above 10 are recorded as unknown"
+        return {k: (v, f"flickr license id {k}") for k, v in FLICKR.items()}, _REDACT._KEY.sub(r"\1***", warn)
+    return {str(i.get("id")): (flickr_license_code(i.get("name"), i.get("url")),
+                               " ".join(x for x in (i.get("name"), i.get("url")) if x) + f" (flickr license id {i.get('id')})")
+            for i in items}, None
 
 
 def flickr(src: SearchEngineSource, spec: ClassSpec, dl: Downloader, warnings: list[str] | None = None) -> Iterator[Candidate]:
@@ -471,10 +474,10 @@ def flickr(src: SearchEngineSource, spec: ClassSpec, dl: Downloader, warnings: l
                     continue
                 got += 1
                 lic = str(photo.get("license"))
+                code, raw = codes.get(lic, ("unknown", f"flickr license id {lic}"))
                 yield candidate(url, spec.name, "flickr", query=query,
                                 page_url=f"https://www.flickr.com/photos/{photo.get('owner')}/{photo.get('id')}",
-                                license=codes.get(lic, "unknown"), license_raw=f"flickr license id {lic}",
-                                author=photo.get("ownername"))
+                                license=code, license_raw=raw, author=photo.get("ownername"))
 
 
 def _flickr_size(dl: Downloader, rest: str, key: str, photo: dict, pace: Pace) -> str | None:

@@ -230,6 +230,10 @@ def test_flickr_licences_from_getinfo_filters_reach_the_search_and_calls_are_pac
     assert lic == {"flickr-54011_b.jpg": "cc-by", "flickr-54012_c.jpg": "cc-by-sa", "flickr-54013_b.jpg": "all-rights-reserved",
                    "flickr-54014_z.jpg": "cc0", "flickr-54015_z.jpg": "cc-by-nc-nd"}
     assert df.filter(pl.col("source_url").str.contains("54012"))["author"].to_list() == ["Ben Owner"]
+    raw = {r["source_url"].rsplit("/", 1)[1]: r["license_raw"] for r in df.iter_rows(named=True)}
+    arr = raw["flickr-54013_b.jpg"]
+    assert arr.startswith("All Rights Reserved https://") and arr.endswith("(flickr license id 0)")
+    assert raw["flickr-54011_b.jpg"] == "Attribution License https://creativecommons.org/licenses/by/2.0/ (flickr license id 4)"
     searches = [q for q in svc.requests["/flickr/services/rest/"] if q["method"] == "flickr.photos.search"]
     assert {(q["license"], q["sort"]) for q in searches} == {("0,4,9,12,16", "relevance")}  # the manifest's filters
     methods = Counter(q["method"] for q in svc.requests["/flickr/services/rest/"])
