@@ -297,6 +297,9 @@ def do_review_push(m: Manifest, ws: Workspace, quiet: bool) -> str:
     s = review.push(m, ws, show_progress=not quiet)
     restored = f", {s.tags_restored} decisions restored as tags" if s.tags_restored else ""
     restored += f", {s.deleted} deleted in the App (recorded as decisions)" if s.deleted else ""
+    if f := s.forgotten:
+        restored += (f"; replaced the dataset of the workspace that was at {f.owner} (no decisions in it; "
+                     f"its {f.samples} samples' tags saved to {ws.relpath(f.saved)})")
     return (f"review push: dataset {s.dataset!r}: {s.added} added, {s.updated} updated, {s.unchanged} unchanged, "
             f"{s.not_pushable} without image{restored} ({s.seconds:.1f}s); views: {', '.join(s.views)}")
 

@@ -14,7 +14,8 @@ The human decision lives in the catalog columns `review_decision` (accept|reject
 `pre_review_status/_reason/_label` so that a decision taken back in the App restores it.
 The dataset belongs to the workspace by an id kept inside it (`stages/review/workspace_id`), so a
 moved workspace keeps its dataset (sample files are re-pointed) and another one cannot take it;
-`forget` saves a dataset's decisions and deletes it (one an earlier, deleted workspace left).
+`forget` saves a dataset's decisions and deletes it (one an earlier, deleted workspace left);
+`push` does it itself for such a dataset when it holds no decision.
 `push` never writes tags and never overwrites a `ground_truth` a reviewer has edited, so
 re-pushing after any upstream stage re-ran loses nothing; a dataset created afresh (new
 database) gets its tags back from the catalog.
@@ -424,6 +425,7 @@ class PushSummary:
     deleted: int = 0  # samples deleted in the App since the last push, recorded as decisions
     seconds: float = 0.0
     views: list[str] = field(default_factory=list)
+    forgotten: "ForgetSummary | None" = None  # an abandoned dataset, without decisions, replaced by this push
 
 
 def _py(v: Any) -> Any:
@@ -499,8 +501,9 @@ def push(
     """
     _fo()
     t0 = time.perf_counter()
+    forgot = _forget_if_abandoned(manifest, ws)
     ds = _load(manifest, ws, create=True)
-    s = PushSummary(dataset=ds.name)
+    s = PushSummary(dataset=ds.name, forgotten=forgot)
     s.deleted = _record_deletions(ds, ws)
     df = catalog.read(ws)
     prepared = _prepare(manifest, df)
@@ -783,6 +786,31 @@ class ForgetSummary:
     saved: Path | None = None
 
 
+def _alive(owner: str, owner_id: str) -> bool:
+    """Whether the workspace that made a dataset still exists at its path (its id file, read only:
+    nothing is made in another workspace)."""
+    mark = _workspace_id_file(Path(owner))
+    return mark.is_file() and mark.read_text(encoding="utf-8").strip() == owner_id
+
+
+def _forget_if_abandoned(manifest: Manifest, ws: Workspace) -> ForgetSummary | None:
+    """Forget (as ``forget`` does, tags saved first) the review dataset of a workspace that no longer
+    exists (deleted, or made again at its path: a user starting over) when no sample in it holds a
+    reviewer's decision: nothing of it is lost, and the push goes on. One holding decisions is
+    still refused by ``_load``: pulling them in is the user's choice (``review forget``)."""
+    fo = _fo()
+    name = dataset_name(manifest)
+    if not fo.dataset_exists(name):
+        return None
+    ds = fo.load_dataset(name)
+    owner, owner_id = ds.info.get("workspace"), ds.info.get("workspace_id")
+    if not owner or not owner_id or owner_id == workspace_id(ws) or _alive(owner, owner_id):
+        return None
+    if _read_decisions(ds, manifest)["decision"].is_not_null().any():
+        return None
+    return forget(manifest, ws)
+
+
 def forget(manifest: Manifest, ws: Workspace) -> ForgetSummary:
     """Delete the review dataset after saving every sample's tags and decision (as ``pull`` reads
     them) to ``stages/review/forgotten/`` in this workspace, and pulling the decisions on images
@@ -796,11 +824,9 @@ def forget(manifest: Manifest, ws: Workspace) -> ForgetSummary:
     ds = fo.load_dataset(name)
     s = ForgetSummary(dataset=name, owner=ds.info.get("workspace"))
     owner_id = ds.info.get("workspace_id")
-    if s.owner and owner_id and owner_id != workspace_id(ws):
-        mark = _workspace_id_file(Path(s.owner))  # read only: nothing is made in another workspace
-        if mark.is_file() and mark.read_text(encoding="utf-8").strip() == owner_id:
-            raise ReviewError(f"FiftyOne dataset {name!r} belongs to the workspace at {s.owner}, which still exists: "
-                              f"forget it from there (-w {s.owner}) if that is meant")
+    if s.owner and owner_id and owner_id != workspace_id(ws) and _alive(s.owner, owner_id):
+        raise ReviewError(f"FiftyOne dataset {name!r} belongs to the workspace at {s.owner}, which still exists: "
+                          f"forget it from there (-w {s.owner}) if that is meant")
     dec = _read_decisions(ds, manifest, with_tags=True).with_columns(pl.lit(s.owner, pl.Utf8).alias("owner_workspace"))
     s.samples, s.decisions = dec.height, dec["decision"].is_not_null().sum()
     stamp = catalog.utcnow().strftime("%Y%m%dT%H%M%S%fZ")

@@ -324,6 +324,33 @@ def test_push_refuses_another_workspaces_dataset(mongo, tmp_path):
     assert out.exit_code == 2 and "no FiftyOne dataset 'owned' to forget" in out.output
 
 
+def test_push_replaces_an_abandoned_dataset_that_holds_no_decision(mongo, tmp_path):
+    """Starting over (the workspace deleted and made again, or a clone deleted) with nothing decided
+    in its review dataset: the push saves its tags as `review forget` does and goes on; one whose
+    workspace still exists is refused as before."""
+    import fiftyone as fo
+
+    m = make_manifest("abandoned")
+    review.push(m, make_workspace(tmp_path / "a", 1), show_progress=False)
+    fo.load_dataset("abandoned").limit(1).tag_samples("look-again")  # a tag, not a decision
+    with pytest.raises(review.ReviewError, match="belongs to workspace"):
+        review.push(m, make_workspace(tmp_path / "b", 1), show_progress=False)  # a still exists
+    shutil.rmtree(tmp_path / "a")
+    again = make_workspace(tmp_path / "a", 1)
+    s = review.push(m, again, show_progress=False)
+    assert s.added == 3 and s.forgotten is not None and (s.forgotten.samples, s.forgotten.decisions) == (3, 0)
+    saved = pl.read_parquet(s.forgotten.saved)
+    assert saved["tags"].to_list().count(["look-again"]) == 1 and s.forgotten.saved.is_relative_to(again.root)
+    assert fo.load_dataset("abandoned").info["workspace_id"] == review.workspace_id(again)
+    from curation.cli import do_review_push
+
+    assert "replaced" not in do_review_push(m, again, quiet=True)  # its own dataset now: nothing to replace
+    # The owner gone from another path (a deleted clone): the same, from b.
+    shutil.rmtree(tmp_path / "a")
+    line = do_review_push(m, Workspace(tmp_path / "b"), quiet=True)
+    assert f"replaced the dataset of the workspace that was at {tmp_path / 'a'} (no decisions in it; its 3 samples'" in line
+
+
 def test_calibration_finds_the_reviewers_threshold(tmp_path):
     m = make_manifest("cal")
     ws = Workspace(tmp_path / "ws").ensure()
