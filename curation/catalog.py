@@ -629,6 +629,35 @@ def pins(ws: Workspace) -> dict[int, list[str]]:
     return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
 
 
+def pin_costs(ws: Workspace) -> list[dict]:
+    """Per pinned version: why it is kept, and the files and bytes that it alone reads among the
+    pinned versions and the latest (what unpinning it frees, at a vacuum past the retention);
+    None for a version that cannot be read any more."""
+    from deltalake import DeltaTable
+
+    def sizes(dt) -> dict[str, int]:
+        acts = pl.DataFrame(dt.get_add_actions(flatten=True))
+        return dict(zip(map(urllib.parse.unquote, acts["path"].to_list()), acts["size_bytes"].to_list()))
+
+    held: dict[int, dict[str, int] | None] = {}
+    for v in sorted(pins(ws)):
+        try:
+            held[v] = sizes(DeltaTable(str(ws.table_path), version=v))
+        except Exception:  # its log entries are gone
+            held[v] = None
+    latest = sizes(_open(ws)) if held else {}
+    out = []
+    for v, why in sorted(pins(ws).items()):
+        mine = held.get(v)
+        if mine is None:
+            out.append({"version": v, "why": why, "files": None, "bytes": None})
+            continue
+        others = set(latest).union(*(f for u, f in held.items() if u != v and f))
+        only = [b for p, b in mine.items() if p not in others]
+        out.append({"version": v, "why": why, "files": len(only), "bytes": sum(only)})
+    return out
+
+
 def _write_pins(ws: Workspace, pinned: dict[int, list[str]]) -> None:
     atomic_write_bytes(ws.root / PINS_FILE, json.dumps({str(k): v for k, v in sorted(pinned.items())}, indent=1).encode())
     fsync_dir(ws.root)

@@ -236,8 +236,11 @@ def show_catalog(
         fail(str(exc))
     report.print_catalog(df)
     typer.echo(f"catalog version {version if version is not None else catalog.version(ws)} (latest {catalog.version(ws)})")
-    if pinned := catalog.pins(ws):
-        typer.echo("kept past the retention: " + ", ".join(f"version {v} ({', '.join(w)})" for v, w in pinned.items()))
+    if costs := catalog.pin_costs(ws):
+        typer.echo("kept past the retention: " + ", ".join(
+            f"version {c['version']} ({', '.join(c['why'])}; " + (
+                f"{c['bytes'] / 2**20:.1f} MB in {c['files']} files only it reads)" if c["files"] is not None
+                else "no longer readable)") for c in costs))
     typer.echo(workspace_line(ws))
     if export:
         df.select([c for c in df.columns if df.schema[c].is_nested() is False]).write_csv(export)

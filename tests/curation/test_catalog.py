@@ -284,6 +284,24 @@ def test_pinned_versions_outlive_vacuum_and_log_cleanup(workspace):
     assert catalog.read(workspace).height == 4
 
 
+def test_pin_costs_count_what_only_the_pinned_versions_read(workspace):
+    a, e, f, g = f"a{1:063x}", f"e{2:063x}", f"f{3:063x}", f"9{4:063x}"
+    catalog.write(workspace, catalog.rows_frame([row(a), row(e), row(f), row(g)]))  # v0: four leaves
+    catalog.pin(workspace, 0, "published v1")
+    catalog.merge(workspace, pl.DataFrame({"image_id": [a, f], "label": ["x", "x"]}))  # v1
+    catalog.pin(workspace, 1, "published v2")
+    catalog.merge(workspace, pl.DataFrame({"image_id": [f, g], "label": ["y", "y"]}))  # v2, the latest
+    at = {v: catalog._files_of(workspace.table_path, [v]) for v in range(3)}
+    only0, only1 = at[0] - at[1] - at[2], at[1] - at[0] - at[2]
+    # e's leaf is everyone's, g's first one both pins', a's second one v1's and the latest's
+    assert (len(only0), len(only1)) == (2, 1)  # v0: a's and f's first leaves; v1: f's second
+    size = lambda fs: sum((workspace.table_path / p).stat().st_size for p in fs)  # noqa: E731
+    assert catalog.pin_costs(workspace) == [
+        {"version": 0, "why": ["published v1"], "files": 2, "bytes": size(only0)},
+        {"version": 1, "why": ["published v2"], "files": 1, "bytes": size(only1)},
+    ]
+
+
 def test_pinning_an_older_version_keeps_the_latest_checkpoint_pointer(workspace):
     for i in range(3):
         catalog.append(workspace, catalog.rows_frame([row(f"{i:064x}")]))

@@ -125,7 +125,7 @@ def test_catalog_versions_published_ones_kept_and_unpinned(folder_manifest, tmp_
     catalog.pin(Workspace(ws), 0, "published v1")  # what publish does with the version it read
     r = cli("catalog", "-w", str(ws), "--version", "0")
     assert r.exit_code == 0 and "catalog version 0 (latest 0)" in r.output
-    assert "kept past the retention: version 0 (published v1)" in r.output
+    assert "kept past the retention: version 0 (published v1; 0.0 MB in 0 files only it reads)" in r.output
     r = cli("catalog", "-w", str(ws), "--unpin", "0")
     assert r.exit_code == 0 and "catalog version 0 unpinned (kept for: published v1)" in r.output
     assert catalog.pins(Workspace(ws)) == {}
