@@ -1488,7 +1488,7 @@ def _rank_frame(members: pl.DataFrame, *, centres: bool = False) -> pl.DataFrame
     picture inside uniform margins (in steps of 25% down from the best in the group), then the
     least compressed (bytes per pixel: not the JPEG q25 or greyed copy), then the share of the
     image inside its margins (the unpadded copy), pixels, the freest licence
-    (licenses.openness), earliest retrieval.
+    (licenses.openness), earliest retrieval, then the smallest image id (a fixed choice).
 
     ``centres``: the order in which `star_groups` picks group centres: the most verified matches
     (``_degree``), then resolution (star clustering's centre). A framed or padded copy is often the

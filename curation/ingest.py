@@ -226,7 +226,11 @@ def run(manifest: Manifest, ws: Workspace, *, show_progress: bool = True, dask_a
             rows.extend(_ingest_source(manifest, ws, src, known, summary, show_progress, client))
     if not rows:
         return summary
-    new = catalog.rows_frame(rows)
+    # One time for the run's rows: files are read on threads (or Dask workers) in no fixed order,
+    # and dedup keeps the earliest retrieved of equal copies; a per-file clock would let thread
+    # order choose between them (the tie falls to the image id instead).
+    stamp = catalog.utcnow()
+    new = catalog.rows_frame([{**r, "retrieved_at": stamp} for r in rows])
     with catalog.locked(ws):
         # Only the rows it adds are committed (an append), not the catalog rewritten.
         fresh = new.unique("image_id", keep="first", maintain_order=True)

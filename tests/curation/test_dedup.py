@@ -236,6 +236,34 @@ def test_cross_label_duplicates_are_conflicts_not_resolved(tmp_path, workspace):
     assert conflicts.height == 3
 
 
+def test_equal_copies_keep_the_same_image_whatever_the_order_files_were_read_in(tmp_path, workspace):
+    """Two files of the same pixels and size, differing only in a JPEG comment, tie on every
+    quality: the kept one must not depend on which thread read its file first. One ingest stamps
+    its rows with one time, so the tie falls to the image id."""
+    import hashlib
+    import io
+
+    im = support.textured(7, (320, 240))
+
+    def enc(comment: bytes) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=92, comment=comment)
+        return buf.getvalue()
+
+    small, big = sorted((enc(b"copy-A"), enc(b"copy-B")), key=lambda b: hashlib.sha256(b).hexdigest())
+    root = tmp_path / "tree"
+    support.write(root / "cat" / "a.jpg", big)  # read first
+    support.write(root / "cat" / "b.jpg", small)
+    m = manifest_for(root)
+    ingest.run(m, workspace, show_progress=False)
+    dedup.run(m, workspace, show_progress=False)
+    df = _by_file(catalog.read(workspace))
+    assert df["retrieved_at"].n_unique() == 1
+    kept = df.filter(pl.col("status") == "candidate")
+    assert kept["file"].to_list() == ["b.jpg"] and kept["image_id"].to_list() == [hashlib.sha256(small).hexdigest()]
+    assert df.filter(pl.col("file") == "a.jpg")["reason"].to_list() == ["duplicate"]
+
+
 def test_new_images_only_are_hashed_and_kind_change_rehashes(tmp_path, workspace, monkeypatch):
     root = tmp_path / "tree"
     for s in range(4):
