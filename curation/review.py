@@ -806,7 +806,8 @@ def _forget_if_abandoned(manifest: Manifest, ws: Workspace) -> ForgetSummary | N
     owner, owner_id = ds.info.get("workspace"), ds.info.get("workspace_id")
     if not owner or not owner_id or owner_id == workspace_id(ws) or _alive(owner, owner_id):
         return None
-    if _read_decisions(ds, manifest)["decision"].is_not_null().any():
+    dec = _read_decisions(ds, manifest)
+    if dec["decision"].is_not_null().any() or dec["problem"].is_not_null().any():  # a reviewer's work, even unclear
         return None
     return forget(manifest, ws)
 

@@ -345,8 +345,14 @@ def test_push_replaces_an_abandoned_dataset_that_holds_no_decision(mongo, tmp_pa
     from curation.cli import do_review_push
 
     assert "replaced" not in do_review_push(m, again, quiet=True)  # its own dataset now: nothing to replace
-    # The owner gone from another path (a deleted clone): the same, from b.
+    # The owner gone from another path (a deleted clone): the same, from b; but not while a sample
+    # carries a reviewer's tags that read as no one decision (accept and reject): that is work too.
     shutil.rmtree(tmp_path / "a")
+    unclear = fo.load_dataset("abandoned").limit(1)
+    unclear.tag_samples(["accept", "reject"])
+    with pytest.raises(review.ReviewError, match="belongs to workspace"):
+        review.push(m, Workspace(tmp_path / "b"), show_progress=False)
+    unclear.untag_samples(["accept", "reject"])
     line = do_review_push(m, Workspace(tmp_path / "b"), quiet=True)
     assert f"replaced the dataset of the workspace that was at {tmp_path / 'a'} (no decisions in it; its 3 samples'" in line
 
