@@ -796,7 +796,7 @@ def _alive(owner: str, owner_id: str) -> bool:
 def _forget_if_abandoned(manifest: Manifest, ws: Workspace) -> ForgetSummary | None:
     """Forget (as ``forget`` does, tags saved first) the review dataset of a workspace that no longer
     exists (deleted, or made again at its path: a user starting over) when no sample in it holds a
-    reviewer's decision: nothing of it is lost, and the push goes on. One holding decisions is
+    reviewer's decision, nor decision tags too unclear to read: nothing of it is lost, and the push goes on. One holding decisions is
     still refused by ``_load``: pulling them in is the user's choice (``review forget``)."""
     fo = _fo()
     name = dataset_name(manifest)
