@@ -53,7 +53,7 @@ def build_dataset(
     def stage(name: str, key: str | None = None) -> dict | list:
         nonlocal failed_in
         key = key or name
-        failed_in = key
+        outer, failed_in = failed_in, key
         try:
             summaries[key] = call_stage(name, manifest, workdir, overrides, dask_address)
         except Exception as exc:
@@ -61,7 +61,7 @@ def build_dataset(
             log_failure(log, key, exc, traceback=True)
             raise
         log.info("%s: %s", key, brief(summaries[key]))  # the subflow's result, in the log users watch
-        failed_in = ""
+        failed_in = outer
         return summaries[key]
 
     result: dict = {"workspace": str(ws.root), "stages": summaries}

@@ -400,6 +400,11 @@ def test_failed_stage_message_shows_in_watch_output(env):
     assert flat.index(cause) < flat.index("Traceback(mostrecentcalllast)") < flat.index("Finishedinstate")
     assert flat.count("stageingestfailed") == 1
     assert not (tmp / "ws-bad" / "published").exists()  # a failed curation stage publishes nothing: nothing trains
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with client(stack) as c:
+        (summary,) = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["bad-build-dataset-summary"])))
+    assert summary.data.startswith("# build-dataset (failed in ingest): `bad`")  # what the finished stages left
 
 
 @pytest.mark.slow
