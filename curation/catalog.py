@@ -633,22 +633,17 @@ def pin_costs(ws: Workspace) -> list[dict]:
     """Per pinned version: why it is kept, and the files and bytes that it alone reads among the
     pinned versions and the latest (what unpinning it frees, at a vacuum past the retention);
     None for a version that cannot be read any more."""
-    from deltalake import DeltaTable
-
-    def sizes(dt) -> dict[str, int]:
-        acts = pl.DataFrame(dt.get_add_actions(flatten=True))
-        return dict(zip(map(urllib.parse.unquote, acts["path"].to_list()), acts["size_bytes"].to_list()))
-
+    pinned = pins(ws)
     held: dict[int, dict[str, int] | None] = {}
-    for v in sorted(pins(ws)):
+    for v in sorted(pinned):
         try:
-            held[v] = sizes(DeltaTable(str(ws.table_path), version=v))
+            held[v] = dict(_version_files(str(ws.table_path), v, _log_identity(ws.table_path, v)))
         except Exception:  # its log entries are gone
             held[v] = None
-    latest = sizes(_open(ws)) if held else {}
+    latest = _file_sizes(_open(ws)) if held else {}
     out = []
-    for v, why in sorted(pins(ws).items()):
-        mine = held.get(v)
+    for v, why in sorted(pinned.items()):
+        mine = held[v]
         if mine is None:
             out.append({"version": v, "why": why, "files": None, "bytes": None})
             continue
@@ -704,19 +699,24 @@ def _files_of(table: Path, versions: Iterable[int]) -> set[str]:
     """The data files (paths in the table) that ``versions`` read; none for a version whose log
     entry and checkpoint are both gone (nothing left to keep). Raises when one cannot be read."""
     log_dir = table / "_delta_log"
-    return set().union(*(_version_files(str(table), v, _log_identity(table, v)) for v in versions
+    return set().union(*(dict(_version_files(str(table), v, _log_identity(table, v))) for v in versions
                          if (log_dir / f"{v:020d}.json").exists() or (log_dir / f"{v:020d}.checkpoint.parquet").exists()))
 
 
 @functools.lru_cache(maxsize=256)
-def _version_files(table: str, version: int, identity: tuple[int, int] | None) -> frozenset[str]:
-    """A version's files never change: read once per process (at 10M rows, loading a version costs
-    tens of ms, and maintenance asks for every pinned one), keyed by its log entry's identity so a
-    table made again at the same path is read afresh."""
+def _version_files(table: str, version: int, identity: tuple[int, int] | None) -> tuple[tuple[str, int], ...]:
+    """A version's files and their sizes. They never change: read once per process (at 10M rows,
+    loading a version costs tens of ms, and maintenance asks for every pinned one), keyed by its
+    log entry's identity so a table made again at the same path is read afresh."""
     from deltalake import DeltaTable
 
-    dt = DeltaTable(table, version=version)
-    return frozenset(urllib.parse.unquote(p) for p in pl.DataFrame(dt.get_add_actions(flatten=True))["path"].to_list())
+    return tuple(_file_sizes(DeltaTable(table, version=version)).items())
+
+
+def _file_sizes(dt) -> dict[str, int]:
+    """The table snapshot ``dt``'s data files (paths in the table) and their sizes, from its log."""
+    acts = pl.DataFrame(dt.get_add_actions(flatten=True))
+    return dict(zip(map(urllib.parse.unquote, acts["path"].to_list()), acts["size_bytes"].to_list()))
 
 
 def _cleanup_log(table: Path, pinned: list[int], retention_hours: int) -> None:

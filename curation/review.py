@@ -796,8 +796,9 @@ def _alive(owner: str, owner_id: str) -> bool:
 def _forget_if_abandoned(manifest: Manifest, ws: Workspace) -> ForgetSummary | None:
     """Forget (as ``forget`` does, tags saved first) the review dataset of a workspace that no longer
     exists (deleted, or made again at its path: a user starting over) when no sample in it holds a
-    reviewer's decision, nor decision tags too unclear to read: nothing of it is lost, and the push goes on. One holding decisions is
-    still refused by ``_load``: pulling them in is the user's choice (``review forget``)."""
+    reviewer's decision, nor decision tags too unclear to read: nothing of it is lost, and the push
+    goes on. One holding decisions is still refused by ``_load``: pulling them in is the user's
+    choice (``review forget``)."""
     fo = _fo()
     name = dataset_name(manifest)
     if not fo.dataset_exists(name):
@@ -806,10 +807,10 @@ def _forget_if_abandoned(manifest: Manifest, ws: Workspace) -> ForgetSummary | N
     owner, owner_id = ds.info.get("workspace"), ds.info.get("workspace_id")
     if not owner or not owner_id or owner_id == workspace_id(ws) or _alive(owner, owner_id):
         return None
-    dec = _read_decisions(ds, manifest)
+    dec = _read_decisions(ds, manifest, with_tags=True)
     if dec["decision"].is_not_null().any() or dec["problem"].is_not_null().any():  # a reviewer's work, even unclear
         return None
-    return forget(manifest, ws)
+    return _forget(ds, ws, dec)
 
 
 def forget(manifest: Manifest, ws: Workspace) -> ForgetSummary:
@@ -823,15 +824,20 @@ def forget(manifest: Manifest, ws: Workspace) -> ForgetSummary:
     if not fo.dataset_exists(name):
         raise ReviewError(f"no FiftyOne dataset {name!r} to forget")
     ds = fo.load_dataset(name)
-    s = ForgetSummary(dataset=name, owner=ds.info.get("workspace"))
-    owner_id = ds.info.get("workspace_id")
-    if s.owner and owner_id and owner_id != workspace_id(ws) and _alive(s.owner, owner_id):
-        raise ReviewError(f"FiftyOne dataset {name!r} belongs to the workspace at {s.owner}, which still exists: "
-                          f"forget it from there (-w {s.owner}) if that is meant")
-    dec = _read_decisions(ds, manifest, with_tags=True).with_columns(pl.lit(s.owner, pl.Utf8).alias("owner_workspace"))
+    owner, owner_id = ds.info.get("workspace"), ds.info.get("workspace_id")
+    if owner and owner_id and owner_id != workspace_id(ws) and _alive(owner, owner_id):
+        raise ReviewError(f"FiftyOne dataset {name!r} belongs to the workspace at {owner}, which still exists: "
+                          f"forget it from there (-w {owner}) if that is meant")
+    return _forget(ds, ws, _read_decisions(ds, manifest, with_tags=True))
+
+
+def _forget(ds: "fo.Dataset", ws: Workspace, dec: pl.DataFrame) -> ForgetSummary:
+    """``forget``'s work on the dataset ``ds``, whose ``_read_decisions(..., with_tags=True)`` is ``dec``."""
+    s = ForgetSummary(dataset=ds.name, owner=ds.info.get("workspace"))
+    dec = dec.with_columns(pl.lit(s.owner, pl.Utf8).alias("owner_workspace"))
     s.samples, s.decisions = dec.height, dec["decision"].is_not_null().sum()
     stamp = catalog.utcnow().strftime("%Y%m%dT%H%M%S%fZ")
-    s.saved = ws.stage_dir("review") / "forgotten" / f"{name}-{stamp}.parquet"
+    s.saved = ws.stage_dir("review") / "forgotten" / f"{ds.name}-{stamp}.parquet"
     s.saved.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     dec.write_parquet(buf)
